@@ -1,0 +1,233 @@
+r"""Batched, matrix-free Krylov solvers for :math:`K u = b`.
+
+Both solvers take a function ``matvec`` that applies :math:`K` to a batch of vectors of
+shape ``(B, N)`` (one independent system per batch element), a right-hand side ``b`` of
+shape ``(B, N)``, a relative tolerance (stop element ``i`` once
+:math:`\|b_i - K u_i\| \le \mathrm{tol}\, \|b_i\|`) and a maximum number of iterations
+(default ``N``). Vectors are kept and inner products accumulated in float64; an element
+that has converged, broken down or has :math:`b_i = 0` is frozen, never divided by zero,
+so the result is finite whatever ``maxiter`` is.
+
+**Auxiliary outputs.** ``matvec`` may return a pair ``(K v, G v)`` where :math:`G` is any
+other linear map (for MMPS, :math:`G v = V A^\top v`, a by-product of computing
+:math:`K v`). The solver then also returns :math:`G u` as the same linear combination of
+the :math:`G p_j` it has seen, at no extra cost: MMPS needs no final vector-Jacobian product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Solution", "cg", "gmres"]
+
+MatVec = Callable[[Tensor], "Tensor | tuple[Tensor, Tensor]"]
+
+
+@dataclass
+class Solution:
+    """Result of a Krylov solve.
+
+    Attributes:
+        x: The solution, shape ``(B, N)``, in ``b``'s dtype.
+        aux: :math:`G x` when ``matvec`` returned pairs, else ``None``.
+        iterations: Number of ``matvec`` calls made on the batch.
+        residual: Relative residual norms :math:`\\|b - Kx\\| / \\|b\\|`, shape ``(B,)``
+            (as tracked by the recurrence), float64.
+        converged: Whether each element reached the tolerance, shape ``(B,)``.
+    """
+
+    x: Tensor
+    aux: Tensor | None
+    iterations: int
+    residual: Tensor
+    converged: Tensor
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.einsum("bn,bn->b", a, b)
+
+
+def _split(out: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    if isinstance(out, tuple):
+        return out[0].to(torch.float64), out[1]
+    return out.to(torch.float64), None
+
+
+def _check(b: Tensor, tol: float, maxiter: int | None) -> int:
+    if not isinstance(b, Tensor) or b.dim() != 2 or not b.is_floating_point():
+        raise ValueError(f"b must be a floating-point tensor of shape (B, N), got "
+                         f"{tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
+    if not torch.isfinite(b).all():
+        raise ValueError("b must be finite")
+    if not tol >= 0:
+        raise ValueError(f"tol must be non-negative, got {tol}")
+    if maxiter is None:
+        return b.shape[1]
+    if not isinstance(maxiter, int) or maxiter < 0:
+        raise ValueError(f"maxiter must be a non-negative integer or None, got {maxiter!r}")
+    return maxiter
+
+
+def cg(
+    matvec: MatVec,
+    b: Tensor,
+    tol: float = 1e-6,
+    maxiter: int | None = None,
+) -> Solution:
+    r"""Conjugate gradient for symmetric positive-definite :math:`K`.
+
+    Arguments:
+        matvec: :math:`v \mapsto K v` (or :math:`(K v, G v)`), on ``(B, N)`` tensors.
+        b: Right-hand side, shape ``(B, N)``.
+        tol: Relative residual tolerance.
+        maxiter: Maximum number of iterations (default ``N``).
+
+    Returns:
+        A :class:`Solution`, started from :math:`u_0 = 0`.
+    """
+    maxiter = _check(b, tol, maxiter)
+    f64 = torch.float64
+    r = b.to(f64)
+    x = torch.zeros_like(r)
+    p = r.clone()
+    rr = _dot(r, r)
+    bnorm = rr.sqrt()
+    active = rr.sqrt() > tol * bnorm
+    active &= bnorm > 0
+    aux = None
+    iterations = 0
+    for _ in range(maxiter):
+        if not bool(active.any()):
+            break
+        Kp, Gp = _split(matvec(p.to(b.dtype)))
+        iterations += 1
+        pKp = _dot(p, Kp)
+        ok = active & (pKp > 0) & torch.isfinite(pKp)
+        step = torch.where(ok, rr / torch.where(ok, pKp, 1.0), 0.0)
+        x = x + step[:, None] * p
+        if Gp is not None:
+            Gp = Gp.to(f64)
+            term = step.reshape(-1, *([1] * (Gp.dim() - 1))) * Gp
+            aux = term if aux is None else aux + term
+        r = torch.where(ok[:, None], r - step[:, None] * Kp, r)
+        rr_new = _dot(r, r)
+        beta = torch.where(ok, rr_new / torch.where(ok, rr, 1.0), 0.0)
+        p = r + beta[:, None] * p
+        rr = rr_new
+        active = ok & (rr.sqrt() > tol * bnorm)
+    residual = rr.sqrt() / torch.where(bnorm > 0, bnorm, 1.0)
+    return Solution(
+        x=x.to(b.dtype),
+        aux=aux,
+        iterations=iterations,
+        residual=residual,
+        converged=residual <= tol,
+    )
+
+
+def gmres(
+    matvec: MatVec,
+    b: Tensor,
+    tol: float = 1e-6,
+    maxiter: int | None = None,
+    restart: int | None = None,
+) -> Solution:
+    r"""Restarted GMRES (Arnoldi with modified Gram-Schmidt, Givens rotations) for any
+    non-singular :math:`K` (a learned Tweedie Jacobian is not exactly symmetric).
+
+    Arguments:
+        matvec: :math:`v \mapsto K v` (or :math:`(K v, G v)`), on ``(B, N)`` tensors.
+        b: Right-hand side, shape ``(B, N)``.
+        tol: Relative residual tolerance.
+        maxiter: Maximum total number of ``matvec`` calls on Krylov vectors (default ``N``).
+        restart: Krylov subspace size before a restart (default: no restart). Each restart
+            costs one extra ``matvec`` for the new residual.
+
+    Returns:
+        A :class:`Solution`, started from :math:`u_0 = 0`.
+    """
+    maxiter = _check(b, tol, maxiter)
+    f64 = torch.float64
+    B = b.shape[0]
+    b64 = b.to(f64)
+    bnorm = b64.norm(dim=1)
+    x = torch.zeros_like(b64)
+    aux: Tensor | None = None
+    r = b64
+    rnorm = bnorm.clone()
+    iterations = 0
+    m_max = maxiter if restart is None else max(1, min(restart, maxiter))
+    scale = torch.where(bnorm > 0, bnorm, 1.0)
+    while iterations < maxiter and bool(((rnorm > tol * bnorm) & (bnorm > 0)).any()):
+        if iterations > 0:  # restart: fresh residual
+            Kx, _ = _split(matvec(x.to(b.dtype)))
+            iterations += 1
+            r = b64 - Kx
+            rnorm = r.norm(dim=1)
+            if iterations >= maxiter or not bool(((rnorm > tol * bnorm) & (bnorm > 0)).any()):
+                break
+        m = min(m_max, maxiter - iterations)
+        active = (rnorm > tol * bnorm) & (bnorm > 0)
+        V = [r / torch.where(rnorm > 0, rnorm, 1.0)[:, None]]
+        G: list[Tensor] = []
+        R = torch.zeros(B, m, m, dtype=f64, device=b.device)
+        g = torch.zeros(B, m + 1, dtype=f64, device=b.device)
+        g[:, 0] = rnorm
+        cs = torch.zeros(B, m, dtype=f64, device=b.device)
+        sn = torch.zeros(B, m, dtype=f64, device=b.device)
+        k = 0
+        for j in range(m):
+            w, Gv = _split(matvec(V[j].to(b.dtype)))
+            iterations += 1
+            k = j + 1
+            if Gv is not None:
+                G.append(Gv.to(f64))
+            h = torch.zeros(B, j + 2, dtype=f64, device=b.device)
+            for i in range(j + 1):
+                h[:, i] = _dot(V[i], w)
+                w = w - h[:, i, None] * V[i]
+            h[:, j + 1] = w.norm(dim=1)
+            V.append(w / torch.where(h[:, j + 1] > 0, h[:, j + 1], 1.0)[:, None])
+            for i in range(j):  # previous rotations
+                hi, hi1 = h[:, i].clone(), h[:, i + 1].clone()
+                h[:, i] = cs[:, i] * hi + sn[:, i] * hi1
+                h[:, i + 1] = -sn[:, i] * hi + cs[:, i] * hi1
+            denom = torch.sqrt(h[:, j] ** 2 + h[:, j + 1] ** 2)
+            safe = denom > 0
+            c = torch.where(safe, h[:, j] / torch.where(safe, denom, 1.0), 1.0)
+            s = torch.where(safe, h[:, j + 1] / torch.where(safe, denom, 1.0), 0.0)
+            cs[:, j], sn[:, j] = c, s
+            h[:, j] = c * h[:, j] + s * h[:, j + 1]
+            h[:, j + 1] = 0.0
+            g_j = g[:, j].clone()
+            # frozen (inactive or degenerate) elements: identity column, zero coefficient
+            keep = active & safe
+            col = torch.where(keep[:, None], h[:, : j + 1], 0.0)
+            col[:, j] = torch.where(keep, h[:, j], 1.0)
+            R[:, : j + 1, j] = col
+            g[:, j] = torch.where(keep, c * g_j, 0.0)
+            g[:, j + 1] = torch.where(keep, -s * g_j, g_j)
+            res = g[:, j + 1].abs()
+            rnorm = torch.where(keep, res, rnorm)
+            active = keep & (res > tol * bnorm)
+            if not bool(active.any()):
+                break
+        y = torch.linalg.solve_triangular(R[:, :k, :k], g[:, :k, None], upper=True)[..., 0]
+        y = torch.where(torch.isfinite(y), y, 0.0)
+        x = x + torch.einsum("bk,kbn->bn", y, torch.stack(V[:k]))
+        if G:
+            Gs = torch.stack(G)  # (k, B, ...)
+            term = torch.einsum("bk,kb...->b...", y, Gs)
+            aux = term if aux is None else aux + term
+    residual = rnorm / scale
+    return Solution(
+        x=x.to(b.dtype),
+        aux=aux,
+        iterations=iterations,
+        residual=residual,
+        converged=residual <= tol,
+    )

@@ -1,0 +1,210 @@
+r"""Samplers of the reverse diffusion. A sampler only ever sees a
+:class:`~plausible.denoisers.Denoiser` (a prior, a zero-shot posterior, a conditional
+denoiser with its condition bound...) and its schedule.
+
+All samplers start from :math:`x_1 \sim \mathcal{N}(0, \sigma_1^2 I)` and walk a decreasing
+time grid :math:`1 = t_0 > \dots > t_N = 0`. With :math:`\hat{x} = d(x_t, t)` and
+:math:`\hat\epsilon = (x_t - \alpha_t \hat{x}) / \sigma_t`:
+
+- ``"ddpm"``: ancestral sampling, the exact Gaussian transition :math:`q(x_s \mid x_t, x =
+  \hat{x})` (DDIM with :math:`\eta = 1`);
+- ``"ddim"``: :math:`x_s = \alpha_s \hat{x} + \sqrt{\sigma_s^2 - c^2}\,\hat\epsilon + c z`,
+  :math:`c = \eta\, \sigma_s \sqrt{1 - (\alpha_t \sigma_s / \alpha_s \sigma_t)^2}`
+  (default :math:`\eta = 0`, the first-order exponential integrator of the probability-flow
+  ODE);
+- ``"heun"``: EDM's second-order Heun method on the probability-flow ODE in the
+  variables :math:`x_t / \alpha_t` and :math:`\rho_t = \sigma_t / \alpha_t` (2 evaluations a
+  step);
+- ``"dpm++"``: multistep DPM-Solver++ (data prediction), order 1, 2 or 3, in
+  :math:`\lambda_t = \log(\alpha_t / \sigma_t)`;
+- ``"dpm"``: multistep DPM-Solver (noise prediction), order 1, 2 or 3;
+- ``"pc"``: predictor-corrector: a DDIM predictor then ``corrections`` Langevin steps
+  :math:`x \leftarrow x - \delta \sigma_s \hat\epsilon + \sqrt{2\delta}\, \sigma_s z` with
+  SDA's step :math:`\delta = \tau / \overline{\hat\epsilon^2}` (one evaluation each).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .denoisers import Denoiser
+from .schedules import time_grid
+
+__all__ = ["sample", "SAMPLERS", "evaluations"]
+
+SAMPLERS = ("ddpm", "ddim", "heun", "pc", "dpm", "dpm++")
+
+
+def evaluations(sampler: str, steps: int, corrections: int = 1) -> int:
+    """Number of denoiser evaluations that :func:`sample` makes for one batch."""
+    if sampler == "heun":
+        return 2 * steps
+    if sampler == "pc":
+        return steps * (1 + corrections)
+    return steps
+
+
+def _device_of(denoiser: Denoiser) -> torch.device:
+    for tensor in list(denoiser.parameters()) + list(denoiser.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def sample(
+    denoiser: Denoiser,
+    n: int,
+    steps: int = 64,
+    sampler: str = "ddpm",
+    *,
+    grid: str | Tensor = "uniform",
+    eta: float | None = None,
+    order: int = 2,
+    corrections: int = 1,
+    tau: float = 0.25,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    x_1: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    **cond: Any,
+) -> Tensor:
+    r"""Draws ``n`` samples from a denoiser by reverse diffusion.
+
+    Arguments:
+        denoiser: Any :class:`~plausible.denoisers.Denoiser` with a known ``shape``.
+        n: Number of samples.
+        steps: Number of steps of the time grid.
+        sampler: One of ``"ddpm"``, ``"ddim"``, ``"heun"``, ``"pc"``, ``"dpm"``, ``"dpm++"``.
+        grid: ``"uniform"`` or ``"karras"`` (see :func:`~plausible.schedules.time_grid`) or a
+            decreasing tensor of times from 1 to 0.
+        eta: DDIM stochasticity (default 0; ``"ddpm"`` is ``eta = 1``).
+        order: Order of the ``"dpm"`` / ``"dpm++"`` multistep solvers (1, 2 or 3).
+        corrections: Langevin corrections per step of ``"pc"``.
+        tau: Langevin step factor of ``"pc"`` (SDA: 0.25 Lorenz, 0.5 Kolmogorov).
+        generator, seed: Random source (a ``torch.Generator``, or a seed for a new one).
+        x_1: Initial noise ``(n, *S)`` (default :math:`\sigma_1 z`).
+        dtype, device: Of the samples (default: torch's default dtype, the denoiser's device).
+        progress: Show a tqdm progress bar.
+        cond: Extra keyword arguments passed to every denoiser call.
+
+    Returns:
+        Samples of shape ``(n, *denoiser.shape)``.
+    """
+    if not isinstance(denoiser, Denoiser):
+        raise TypeError(f"sample expects a Denoiser, got {type(denoiser).__name__}")
+    if denoiser.shape is None:
+        raise ValueError("the denoiser's state shape is unknown: build it with shape=(...)")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order}")
+    if corrections < 0 or tau <= 0:
+        raise ValueError("corrections must be >= 0 and tau > 0")
+    dtype = dtype or torch.get_default_dtype()
+    device = torch.device(device) if device is not None else _device_of(denoiser)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    schedule = denoiser.schedule
+
+    if isinstance(grid, Tensor):
+        ts = grid.to(torch.float64).flatten()
+        if ts.numel() < 2 or not (ts[1:] < ts[:-1]).all():
+            raise ValueError("a custom grid must be a decreasing tensor of at least 2 times")
+    else:
+        ts = time_grid(steps, grid, schedule)
+    alphas, sigmas = schedule(ts)
+    ts, alphas, sigmas = (a.to(dtype=dtype, device=device) for a in (ts, alphas, sigmas))
+    steps = ts.numel() - 1
+
+    shape = (n, *denoiser.shape)
+
+    def randn() -> Tensor:
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+    if x_1 is None:
+        x = sigmas[0] * randn()
+    else:
+        if tuple(x_1.shape) != shape:
+            raise ValueError(f"x_1 must have shape {shape}, got {tuple(x_1.shape)}")
+        x = x_1.to(dtype=dtype, device=device)
+
+    def d(x_t: Tensor, i: int) -> Tensor:
+        return denoiser(x_t, ts[i], **cond)
+
+    if eta is None:
+        eta = 1.0 if sampler == "ddpm" else 0.0
+    history: list[tuple[Tensor, Tensor]] = []  # (lambda, prediction) of previous steps
+
+    for i in tqdm(range(steps), desc=f"sampling ({sampler})", disable=not progress,
+                  leave=False):
+        a_t, s_t, a_s, s_s = alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]
+        if sampler in ("ddpm", "ddim", "pc"):
+            x_hat = d(x, i)
+            eps = (x - a_t * x_hat) / s_t
+            e = 0.0 if sampler == "pc" else eta
+            c2 = (e * s_s) ** 2 * (1 - (a_t * s_s / (a_s * s_t)) ** 2).clamp(min=0)
+            x = a_s * x_hat + torch.sqrt((s_s**2 - c2).clamp(min=0)) * eps
+            if e > 0:
+                x = x + torch.sqrt(c2) * randn()
+            if sampler == "pc":
+                for _ in range(corrections):
+                    eps = (x - a_s * d(x, i + 1)) / s_s
+                    delta = tau / eps.square().flatten(1).mean(1).clamp(min=1e-12)
+                    delta = delta.reshape(-1, *([1] * (x.dim() - 1)))
+                    x = x - delta * s_s * eps + torch.sqrt(2 * delta) * s_s * randn()
+        elif sampler == "heun":
+            rho_t, rho_s = s_t / a_t, s_s / a_s
+            y = x / a_t
+            d1 = (y - d(x, i)) / rho_t
+            y_euler = y + (rho_s - rho_t) * d1
+            d2 = (y_euler - d(a_s * y_euler, i + 1)) / rho_s
+            x = a_s * (y + (rho_s - rho_t) * (d1 + d2) / 2)
+        else:  # multistep exponential integrators
+            lam_t, lam_s = torch.log(a_t / s_t), torch.log(a_s / s_s)
+            h = lam_s - lam_t
+            x_hat = d(x, i)
+            pred = x_hat if sampler == "dpm++" else (x - a_t * x_hat) / s_t
+            k = min(order, len(history) + 1)
+            D0 = pred
+            if k >= 2:
+                lam_1, p_1 = history[-1]
+                r0 = (lam_t - lam_1) / h
+                D1_0 = (D0 - p_1) / r0
+            if k == 3:
+                lam_2, p_2 = history[-2]
+                r1 = (lam_1 - lam_2) / h
+                D1_1 = (p_1 - p_2) / r1
+                D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
+                D2 = (D1_0 - D1_1) / (r0 + r1)
+            if sampler == "dpm++":
+                phi1 = torch.expm1(-h)
+                x = (s_s / s_t) * x - a_s * phi1 * D0
+                if k == 2:
+                    x = x - 0.5 * a_s * phi1 * D1_0
+                elif k == 3:
+                    x = x + a_s * (phi1 / h + 1) * D1 - a_s * ((phi1 + h) / h**2 - 0.5) * D2
+            else:
+                phi1 = torch.expm1(h)
+                x = (a_s / a_t) * x - s_s * phi1 * D0
+                if k == 2:
+                    x = x - 0.5 * s_s * phi1 * D1_0
+                elif k == 3:
+                    x = x - s_s * (phi1 / h - 1) * D1 - s_s * ((phi1 - h) / h**2 - 0.5) * D2
+            history.append((lam_t, pred))
+            if len(history) > 2:
+                history.pop(0)
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(
+                f"sampling ({sampler}) produced NaN or infinity at step {i + 1}/{steps} "
+                f"(t = {float(ts[i]):.4g}); check the denoiser or use more steps"
+            )
+    return x
+
