@@ -40,7 +40,7 @@ __all__ = [
 
 
 def right_broadcast(v: Tensor, x: Tensor) -> Tensor:
-    """Reshapes a ``(B,)`` or ``()`` tensor ``v`` to broadcast against ``x`` of shape ``(B, ...)``."""
+    """Reshapes a ``(B,)`` or ``()`` tensor ``v`` to broadcast against ``x`` ``(B, ...)``."""
     if v.dim() == 0:
         return v
     return v.reshape(v.shape + (1,) * (x.dim() - v.dim()))

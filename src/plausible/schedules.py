@@ -205,9 +205,9 @@ def time_grid(
     Arguments:
         steps: Number of intervals (sampler steps), at least 1.
         kind: ``"uniform"`` (equal spacing in t), ``"logsnr"`` (equal spacing in
-            :math:`\lambda_t = \log(\alpha_t / \sigma_t)`, needs ``schedule``) or ``"karras"`` (EDM: equal spacing in
-            :math:`\rho^{1/r}` where :math:`\rho = \sigma_t / \alpha_t`; needs ``schedule``).
-        schedule: The schedule, for ``kind="karras"``.
+            :math:`\lambda_t = \log(\alpha_t / \sigma_t)`, needs ``schedule``) or
+            ``"karras"`` (EDM: equal spacing in :math:`\rho^{1/r}` where :math:`\rho = \sigma_t / \alpha_t`; needs ``schedule``).
+        schedule: The schedule, for ``kind="logsnr"`` and ``kind="karras"``.
         rho: The exponent :math:`r` of the Karras grid (7 in EDM).
 
     Returns:
