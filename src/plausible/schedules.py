@@ -206,7 +206,8 @@ def time_grid(
         steps: Number of intervals (sampler steps), at least 1.
         kind: ``"uniform"`` (equal spacing in t), ``"logsnr"`` (equal spacing in
             :math:`\lambda_t = \log(\alpha_t / \sigma_t)`, needs ``schedule``) or
-            ``"karras"`` (EDM: equal spacing in :math:`\rho^{1/r}` where :math:`\rho = \sigma_t / \alpha_t`; needs ``schedule``).
+            ``"karras"`` (EDM: equal spacing in :math:`\rho^{1/r}` where
+            :math:`\rho = \sigma_t / \alpha_t`; needs ``schedule``).
         schedule: The schedule, for ``kind="logsnr"`` and ``kind="karras"``.
         rho: The exponent :math:`r` of the Karras grid (7 in EDM).
 
