@@ -52,7 +52,9 @@ def expand_t(t: Tensor | float, x_t: Tensor) -> Tensor:
     Raises:
         ValueError: If ``t`` is not of shape ``()`` or ``(B,)`` with ``B = x_t.shape[0]``.
     """
-    t = torch.as_tensor(t, device=x_t.device)
+    dtype = x_t.dtype if x_t.is_floating_point() else torch.get_default_dtype()
+    if not isinstance(t, Tensor):
+        t = torch.as_tensor(t, dtype=dtype, device=x_t.device)
     if t.dim() == 0:
         t = t.expand(x_t.shape[0])
     elif t.shape != x_t.shape[:1]:
@@ -60,7 +62,7 @@ def expand_t(t: Tensor | float, x_t: Tensor) -> Tensor:
             f"t must have shape () or (B,) = ({x_t.shape[0]},) for x_t of shape "
             f"{tuple(x_t.shape)}, got shape {tuple(t.shape)}"
         )
-    return t.to(x_t.dtype if x_t.is_floating_point() else torch.get_default_dtype())
+    return t.to(dtype=dtype, device=x_t.device)
 
 
 class Denoiser(nn.Module):
