@@ -370,20 +370,17 @@ class Observation(nn.Module):
             raise ValueError("y contains NaN or infinity at observed entries")
 
     def observed_entries(self, shape: Sequence[int]) -> Tensor:
-        """Boolean tensor of y's shape: entries that depend on the state (the operator's
-        Jacobian row is non-zero), by one VJP at a random point."""
-        if self._observed is not None and self._observed.shape == self.y.shape:
-            return self._observed
-        x = torch.randn(1, *shape, dtype=self.y.dtype, device=self.y.device)
-        if isinstance(self.A, (Mask,)):
-            obs = self.A.mask.expand(self.y.shape) if self.A.mask.shape != self.y.shape else \
-                self.A.mask
-        elif isinstance(self.A, FourierMask):
-            obs = self.A.mask[..., None].expand(self.y.shape)
-        else:
-            _, jvp = torch.func.jvp(self.A, (x,), (torch.randn_like(x),))
-            obs = (jvp[0] != 0) | torch.ones_like(jvp[0], dtype=torch.bool)
-        self._observed = obs.clone()
+        """Boolean tensor of y's shape: the entries that the operator reaches (outside a
+        :class:`Mask` or :class:`FourierMask` nothing is observed; other operators observe
+        every entry of y). ``shape`` is the state shape."""
+        if self._observed is None or self._observed.shape != self.y.shape:
+            if isinstance(self.A, Mask):
+                observed = self.A.mask.expand(self.y.shape)
+            elif isinstance(self.A, FourierMask):
+                observed = self.A.mask[..., None].expand(self.y.shape)
+            else:
+                observed = torch.ones(self.y.shape, dtype=torch.bool, device=self.y.device)
+            self._observed = observed.clone()
         return self._observed
 
     @property
