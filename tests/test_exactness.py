@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import moment_errors
 
 import plausible
+from helpers import moment_errors
 from plausible import MMPS, GaussianDenoiser, Observation, ops, sample
 
 F64 = torch.float64

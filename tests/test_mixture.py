@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import energy_distance, sliced_w1
 
+from helpers import energy_distance, sliced_w1
 from plausible import DPS, MMPS, SDA, GaussianMixtureDenoiser, Observation, ops, sample
 
 F64 = torch.float64

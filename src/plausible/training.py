@@ -125,8 +125,8 @@ def fit(
             with torch.no_grad():
                 for p_avg, p in zip(averaged.parameters(), denoiser.parameters()):
                     p_avg.lerp_(p, 1 - decay)
-        history["loss"].append(float(loss))
-        bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        history["loss"].append(float(loss.detach()))
+        bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", refresh=False)
     if averaged is not None:
         denoiser.load_state_dict(averaged.state_dict())
     denoiser.eval()
