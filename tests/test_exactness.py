@@ -173,7 +173,9 @@ def test_every_sampler_reproduces_gaussian_prior(problem, name, options):
     assert e_mean < 3.0 and e_cov < 3.0, (name, e_mean, e_cov)
 
 
-@pytest.mark.parametrize("schedule", [plausible.VESchedule(1e-3, 1e2), plausible.RectifiedSchedule()])
+@pytest.mark.parametrize(
+    "schedule", [plausible.VESchedule(1e-3, 1e2), plausible.RectifiedSchedule()]
+)
 def test_other_schedules_sample_the_prior(problem, schedule):
     m, C, *_ = problem
     prior = GaussianDenoiser(m, C, schedule)
