@@ -15,7 +15,8 @@ Typical use::
     x = sample(MMPS(prior, obs), 64, steps=64)
 """
 
-from . import nets, ops
+from . import data, nets, ops
+from .checkpoints import CheckpointError, load
 from .denoisers import (
     Denoiser,
     GaussianDenoiser,
@@ -57,4 +58,7 @@ __all__ = [
     "RectifiedSchedule",
     "time_grid",
     "fit",
+    "load",
+    "CheckpointError",
+    "data",
 ]

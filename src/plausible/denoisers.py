@@ -183,26 +183,61 @@ class Preconditioned(Denoiser):
         ).to(x_t.dtype)
         return right_broadcast(c_skip, x_t) * x_ve + right_broadcast(c_out, x_t) * out
 
+    def draw_noise(
+        self,
+        x: Tensor,
+        generator: torch.Generator | None = None,
+        t_distribution: str = "uniform",
+        **_: Any,
+    ) -> dict[str, Tensor]:
+        r"""Draws the times and the noise of the denoising loss for a batch ``x`` ``(B, *S)``.
+
+        Arguments:
+            t_distribution: ``"uniform"`` on [0, 1], or ``"lognormal"`` (EDM: :math:`\log
+                \rho \sim \mathcal{N}(-1.2, 1.2^2)`, mapped to t and clipped to [0, 1]).
+
+        Returns:
+            ``{"t": (B,), "eps": (B, *S)}``, to pass to :meth:`loss` (drawing them apart from
+            the loss lets data-parallel training slice one global draw between processes).
+        """
+        B = x.shape[0]
+        if t_distribution == "uniform":
+            t = torch.rand(B, generator=generator, dtype=x.dtype, device=x.device)
+        elif t_distribution == "lognormal":
+            log_rho = -1.2 + 1.2 * torch.randn(
+                B, generator=generator, dtype=torch.float64, device=x.device
+            )
+            t = self.schedule.t_of_ratio(torch.exp(log_rho)).to(x.dtype)
+        else:
+            raise ValueError(
+                f"t_distribution must be 'uniform' or 'lognormal', got {t_distribution!r}"
+            )
+        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return {"t": t, "eps": eps}
+
     def loss(
         self,
         x: Tensor,
         t: Tensor | None = None,
+        eps: Tensor | None = None,
         *,
         weighting: str = "edm",
         t_distribution: str = "uniform",
         generator: torch.Generator | None = None,
         **cond: Any,
     ) -> Tensor:
-        r"""Denoising score-matching loss :math:`\mathbb{E}\, w(t) \|d(x_t, t) - x\|^2 / |S|`.
+        r"""Denoising score-matching loss :math:`\mathbb{E}\, w(t) \|d(x_t, t) - x\|^2 / |S|`
+        with :math:`x_t = \alpha_t x + \sigma_t \epsilon`.
 
         Arguments:
             x: Clean states, shape ``(B, *S)``.
-            t: Times, shape ``(B,)``; drawn from ``t_distribution`` when ``None``.
+            t: Times, shape ``(B,)``, and eps: noise ``(B, *S)``; drawn by
+                :meth:`draw_noise` (with ``t_distribution`` and ``generator``) when ``None``.
             weighting: ``"edm"`` (:math:`w = (\rho^2 + s^2) / (\rho s)^2`, unit-variance
                 targets for the network) or ``"none"`` (:math:`w = 1`).
-            t_distribution: ``"uniform"`` on [0, 1], or ``"lognormal"`` (EDM: :math:`\log
-                \rho \sim \mathcal{N}(-1.2, 1.2^2)`, mapped to t and clipped to [0, 1]).
+            t_distribution: See :meth:`draw_noise`.
             generator: Random generator for t and the noise.
+            cond: Passed to the backbone (e.g. ``context``).
 
         Returns:
             The scalar mean loss.
@@ -211,22 +246,15 @@ class Preconditioned(Denoiser):
             raise ValueError(
                 f"x must have shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}"
             )
-        B = x.shape[0]
-        if t is None:
-            if t_distribution == "uniform":
-                t = torch.rand(B, generator=generator, dtype=x.dtype, device=x.device)
-            elif t_distribution == "lognormal":
-                log_rho = -1.2 + 1.2 * torch.randn(
-                    B, generator=generator, dtype=torch.float64, device=x.device
-                )
-                t = self.schedule.t_of_ratio(torch.exp(log_rho)).to(x.dtype)
-            else:
-                raise ValueError(
-                    f"t_distribution must be 'uniform' or 'lognormal', got {t_distribution!r}"
-                )
+        if t is None or eps is None:
+            noise = self.draw_noise(x, generator, t_distribution)
+            t = noise["t"] if t is None else t
+            eps = noise["eps"] if eps is None else eps
+        if eps.shape != x.shape:
+            raise ValueError(f"eps must have the shape of x {tuple(x.shape)}, got "
+                             f"{tuple(eps.shape)}")
         t = expand_t(t, x)
         alpha, sigma = self.schedule(t)
-        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x_t = right_broadcast(alpha, x) * x + right_broadcast(sigma, x) * eps
         err = (self(x_t, t, **cond) - x).square().flatten(1).mean(dim=1)
         if weighting == "edm":
