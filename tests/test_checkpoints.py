@@ -63,7 +63,8 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
     for k in weights:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     # metrics have one line per step, no duplicates from the crashed attempt
-    steps = [json.loads(line)["step"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+    lines = (crashed / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
     assert steps == sorted(set(steps))
 
 
