@@ -171,13 +171,15 @@ class Blur(Operator):
                              f"{tuple(kernel.shape)}")
         if padding not in ("circular", "zeros"):
             raise ValueError(f"padding must be 'circular' or 'zeros', got {padding!r}")
-        self.register_buffer("kernel", kernel.to(torch.get_default_dtype()))
+        if not kernel.is_floating_point():
+            kernel = kernel.to(torch.get_default_dtype())
+        self.register_buffer("kernel", kernel)
         self.padding = padding
 
     @staticmethod
     def gaussian(size: int, std: float, ndim: int = 2, padding: str = "circular") -> Blur:
         """A normalised Gaussian blur of odd ``size`` and standard deviation ``std`` (pixels)."""
-        r = torch.arange(size) - size // 2
+        r = torch.arange(size, dtype=torch.float64) - size // 2
         k = torch.exp(-0.5 * (r / std) ** 2)
         k = k / k.sum()
         return Blur(k if ndim == 1 else k[:, None] * k[None, :], padding)
@@ -339,6 +341,8 @@ class Observation(nn.Module):
                                  f"{float(noise.min()):.3g}")
             self.register_buffer("noise", noise)
         self._observed: Tensor | None = None
+        self._observed_for: tuple[int, ...] | None = None
+        self._chol_observed: Tensor | None = None
 
     def validate(self, shape: Sequence[int]) -> None:
         """Checks ``y`` against ``A`` applied to states of shape ``shape``, that the operator is
@@ -365,22 +369,41 @@ class Observation(nn.Module):
         if not out.requires_grad:
             raise TypeError("the operator is not differentiable (its output does not depend on "
                             "x through autograd); wrap a differentiable torch function")
+        x = torch.randn(1, *shape, dtype=self.y.dtype, device=self.y.device)
+        with torch.enable_grad():
+            jvp = torch.func.jvp(self.A, (x,), (torch.randn_like(x),))[1]
+        if not bool((jvp != 0).any()):
+            raise TypeError("the operator's Jacobian is zero: y does not depend on x (a "
+                            "piecewise-constant or non-differentiable operator, or an empty mask)")
         observed = self.observed_entries(shape)
         if not torch.isfinite(self.y[observed]).all():
             raise ValueError("y contains NaN or infinity at observed entries")
 
     def observed_entries(self, shape: Sequence[int]) -> Tensor:
-        """Boolean tensor of y's shape: the entries that the operator reaches (outside a
-        :class:`Mask` or :class:`FourierMask` nothing is observed; other operators observe
-        every entry of y). ``shape`` is the state shape."""
-        if self._observed is None or self._observed.shape != self.y.shape:
+        """Boolean tensor of y's shape: the entries that the operator reaches. For a linear
+        operator, the entries whose Jacobian row is non-zero (one JVP with a random tangent;
+        outside a :class:`Mask`, even inside a :class:`Compose`, nothing is observed); a
+        non-linear operator observes every entry. ``shape`` is the state shape."""
+        shape = tuple(shape)
+        if self._observed is None or self._observed_for != shape:
             if isinstance(self.A, Mask):
                 observed = self.A.mask.expand(self.y.shape)
             elif isinstance(self.A, FourierMask):
                 observed = self.A.mask[..., None].expand(self.y.shape)
+            elif self.A.linear:
+                x = torch.zeros(1, *shape, dtype=self.y.dtype, device=self.y.device)
+                v = torch.randn(x.shape, dtype=self.y.dtype, device=self.y.device,
+                                generator=torch.Generator(self.y.device).manual_seed(0))
+                with torch.enable_grad():
+                    observed = torch.func.jvp(self.A, (x,), (v,))[1][0] != 0
             else:
                 observed = torch.ones(self.y.shape, dtype=torch.bool, device=self.y.device)
-            self._observed = observed.clone()
+            self._observed = observed.reshape(self.y.shape).clone()
+            self._observed_for = shape
+            if self.noise_kind == "dense":
+                o = self._observed.flatten()
+                self._chol_observed = torch.linalg.cholesky(
+                    self.noise.to(torch.float64)[o][:, o]).to(self.y.dtype)
         return self._observed
 
     @property
@@ -403,21 +426,33 @@ class Observation(nn.Module):
         return (self.noise**2).expand(self.y.shape)
 
     def whiten(self, r: Tensor) -> Tensor:
-        r""":math:`L^{-1} r` with :math:`\Sigma_y = L L^\top`, for ``r`` ``(B, *S_y)``, so that
-        :math:`\|L^{-1} r\|^2 = r^\top \Sigma_y^{-1} r`."""
+        r""":math:`L_o^{-1} r_o` on the observed entries :math:`o` (zero elsewhere), with
+        :math:`\Sigma_{y,oo} = L_o L_o^\top`, for ``r`` ``(B, *S_y)``: so that
+        :math:`\|\cdot\|^2 = r_o^\top \Sigma_{y,oo}^{-1} r_o`. Call after
+        :meth:`observed_entries` (all entries count as observed before)."""
         if self.noise_kind == "dense":
-            z = torch.linalg.solve_triangular(self._chol.to(r.dtype), r.flatten(1).T, upper=False)
-            return z.T.reshape(r.shape)
-        return r / self.noise.to(r.dtype)
+            if self._chol_observed is None:
+                o = torch.ones(self.y.numel(), dtype=torch.bool, device=r.device)
+                L = self._chol
+            else:
+                o, L = self._observed.flatten(), self._chol_observed
+            flat = r.flatten(1)
+            z = torch.linalg.solve_triangular(L.to(r.dtype), flat[:, o].T, upper=False)
+            out = torch.zeros_like(flat)
+            out[:, o] = z.T
+            return out.reshape(r.shape)
+        z = r / self.noise.to(r.dtype)
+        return z if self._observed is None else torch.where(self._observed, z, 0.0)
 
     def log_likelihood(self, x: Tensor) -> Tensor:
-        r""":math:`\log \mathcal{N}(y; A(x), \Sigma_y)` over observed entries, shape ``(B,)``."""
+        r""":math:`\log \mathcal{N}(y_o; A(x)_o, \Sigma_{y,oo})` over the observed entries
+        :math:`o`, shape ``(B,)``."""
         observed = self.observed_entries(x.shape[1:])
-        r = torch.where(observed, self.y_clean - self.A(x), 0.0)
+        r = torch.where(observed, self.y_clean.to(x.dtype) - self.A(x), 0.0)
         z = self.whiten(r)
         M = int(observed.sum())
         if self.noise_kind == "dense":
-            logdet = 2 * torch.log(torch.diagonal(self._chol)).sum()
+            logdet = 2 * torch.log(torch.diagonal(self._chol_observed)).sum()
         else:
             logdet = torch.log(self.variance()[observed]).sum()
         return -0.5 * (z.flatten(1).square().sum(1) + logdet + M * math.log(2 * math.pi))

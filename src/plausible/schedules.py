@@ -105,8 +105,12 @@ class VPSchedule(Schedule):
         self.eta = float(eta)
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        alpha = torch.cos(math.acos(math.sqrt(self.eta)) * t) ** 2
-        sigma = torch.sqrt(1 - alpha**2 + self.eta**2)
+        c, s = torch.cos(math.acos(math.sqrt(self.eta)) * t), torch.sin(
+            math.acos(math.sqrt(self.eta)) * t
+        )
+        alpha = c**2
+        # 1 - cos^4 = sin^2 (1 + cos^2): no cancellation near t = 0
+        sigma = torch.sqrt(s**2 * (1 + c**2) + self.eta**2)
         return alpha, sigma
 
     @property
