@@ -212,6 +212,8 @@ def fit(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     averaged = copy.deepcopy(model).requires_grad_(False) if ema > 0 else None
+    if averaged is not None:
+        ema_params, live_params = list(averaged.parameters()), list(model.parameters())
 
     run = Path(checkpoint) if checkpoint is not None else None
     options = {
@@ -285,8 +287,7 @@ def fit(
         if averaged is not None:
             rate = 1 - min(ema, (1 + step) / (10 + step))
             with torch.no_grad():
-                for p_avg, p in zip(averaged.parameters(), model.parameters(), strict=True):
-                    p_avg.lerp_(p, rate)
+                torch._foreach_lerp_(ema_params, live_params, rate)
         pending.append(total)
         seen += batch_size
         done = step + 1
