@@ -80,20 +80,22 @@ def _hpd_levels(h: np.ndarray, masses: Sequence[float]) -> list[float]:
 
 def _contours(
     ax: Axes, x: np.ndarray, y: np.ndarray, lims: tuple[tuple[float, float], ...], color: str
-) -> None:
-    """50% and 90% highest-density contours of a smoothed 2-D histogram."""
-    bins = 40
+) -> bool:
+    """50% and 90% highest-density contours of a smoothed 2-D histogram (a scatter if the
+    histogram is degenerate); returns whether contours were drawn."""
+    bins = int(np.clip(0.8 * np.sqrt(x.size), 12, 40))
     h, xe, ye = np.histogram2d(x, y, bins=bins, range=lims)
-    h = _smooth(h)
+    h = _smooth(h, passes=3)
     levels = _hpd_levels(h, (0.9, 0.5))
     if len(levels) < 2 or levels[0] <= 0:
         ax.scatter(x, y, s=2, color=color, alpha=0.3, linewidths=0)
-        return
+        return False
     xc, yc = (xe[1:] + xe[:-1]) / 2, (ye[1:] + ye[:-1]) / 2
     top = float(h.max()) * 1.01 + 1e-12
     for level in levels:  # nested fills: the 50% region comes out darker
         ax.contourf(xc, yc, h.T, levels=[level, top], colors=[color], alpha=0.2)
     ax.contour(xc, yc, h.T, levels=levels, colors=[color], linewidths=1.2)
+    return True
 
 
 def pair_plot(
@@ -188,6 +190,7 @@ def pair_plot(
             slice(None)
         thinned[key] = a[idx]
 
+    contoured = False
     for i in range(k):
         for j in range(k):
             ax = axes[i, j]
@@ -196,7 +199,8 @@ def pair_plot(
                 continue
             di, dj = dims[i], dims[j]
             if i == j:
-                bins = np.linspace(*lims[i], 36)
+                n_max = max(a.shape[0] for a in arrays.values())
+                bins = np.linspace(*lims[i], int(np.clip(np.sqrt(n_max), 12, 40)) + 1)
                 for key, a in arrays.items():
                     v = a[:, di][np.isfinite(a[:, di])]
                     if key == reference:
@@ -214,8 +218,8 @@ def pair_plot(
                     ref = arrays[reference]
                     ok = np.isfinite(ref[:, dj]) & np.isfinite(ref[:, di])
                     if ok.sum() >= 200:
-                        _contours(ax, ref[ok, dj], ref[ok, di], (lims[j], lims[i]),
-                                  colors[reference])
+                        contoured |= _contours(ax, ref[ok, dj], ref[ok, di],
+                                               (lims[j], lims[i]), colors[reference])
                     else:
                         ax.scatter(ref[ok, dj], ref[ok, di], s=3, color=colors[reference],
                                    alpha=0.4, linewidths=0)
@@ -242,7 +246,7 @@ def pair_plot(
     if truth_np is not None:
         handles.append(Line2D([], [], marker="*", color="k", linestyle="none", markersize=9))
         names_.append("truth")
-    if reference is not None:
+    if contoured:
         names_ = [f"{n} (contours: 50%, 90%)" if n == reference else n for n in names_]
     legend_ax = axes[0, k - 1] if k > 1 else axes[0, 0]
     legend_ax.legend(handles, names_, loc="upper right", fontsize=8, frameon=False)

@@ -228,7 +228,7 @@ def fit(
         if folder is not None and not resume:
             raise CheckpointError(
                 f"{run} already holds a run (latest checkpoint {folder.name}); pass resume=True "
-                "to continue it, or choose another folder"
+                "(--resume on the command line) to continue it, or choose another folder"
             )
         if folder is not None:
             start = _restore(folder, model, averaged, optimizer, scheduler, noise_gen, data_gen,

@@ -1,0 +1,554 @@
+r"""Command-line interface: ``plausible`` (or ``python -m plausible``).
+
+Commands:
+
+- ``plausible demo [NAME] [--out DIR] [--samples N] [--steps S] [--seed K] [--quiet]``
+  runs a self-contained demonstration and writes its figure and metrics to ``DIR``;
+- ``plausible demo --list`` lists the demonstrations.
+
+The ``gaussian`` demo (the default) poses a random linear-Gaussian inverse problem whose
+posterior is known in closed form, samples it with MMPS and DPS, and measures each method's
+error in units of the Monte-Carlo error of as many exact posterior samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checkpoints import CheckpointError
+
+__all__ = ["main", "build_parser", "gaussian_demo", "posterior_errors", "DEMOS", "DemoError"]
+
+DEFAULT_OUT = "plausible-demo"
+
+
+class DemoError(RuntimeError):
+    """A demo could not run or write its output (reported without a traceback)."""
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def posterior_errors(x: Tensor, mean: Tensor, cov: Tensor) -> dict[str, float]:
+    r"""Errors of samples ``x`` ``(N, D)`` against a Gaussian ``N(mean, cov)``, raw and in
+    units of the Monte-Carlo error of ``N`` exact samples.
+
+    - mean error: the Mahalanobis distance :math:`\|\bar{x} - m\|_{C^{-1}}` of the sample mean,
+      whose root-mean-square for ``N`` exact samples is :math:`\sqrt{D / N}`;
+    - covariance error: :math:`\|C^{-1/2} \hat{C} C^{-1/2} - I\|_F` with :math:`\hat{C}` the
+      unbiased sample covariance, whose root-mean-square for ``N`` exact samples is
+      :math:`\sqrt{D (D + 1) / (N - 1)}` (Wishart).
+
+    Both are invariant to linear changes of coordinates.
+    """
+    x = x.to(torch.float64).flatten(1)
+    N, D = x.shape
+    lam, Q = torch.linalg.eigh(cov.to(torch.float64))
+    whiten = (Q * lam.rsqrt()) @ Q.T  # C^{-1/2}
+    z = (x - mean.to(torch.float64)) @ whiten  # whitened samples: N(0, I) if exact
+    mean_err = float(z.mean(0).norm())
+    cov_err = float(torch.linalg.matrix_norm(torch.cov(z.T) - torch.eye(D, dtype=x.dtype)))
+    mean_floor = math.sqrt(D / N)
+    cov_floor = math.sqrt(D * (D + 1) / (N - 1))
+    return {
+        "mean_error": mean_err / mean_floor,
+        "cov_error": cov_err / cov_floor,
+        "mean_error_raw": mean_err,
+        "cov_error_raw": cov_err,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the gaussian demo
+
+
+def _gaussian_problem(seed: int, D: int = 16) -> dict[str, Any]:
+    """A random linear-Gaussian inverse problem with two observations (a dense 6 x D matrix
+    and a mask of 3 coordinates), its ground truth and closed-form posterior."""
+    from . import GaussianDenoiser, Observation, ops
+
+    f64 = torch.float64
+    g = torch.Generator().manual_seed(seed)
+    # prior N(m, C): a random rotation of log-spaced variances (from 4 down to 0.02)
+    Q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=f64))
+    variances = torch.logspace(math.log10(4.0), math.log10(0.02), D, dtype=f64)
+    C = (Q * variances) @ Q.T
+    C = (C + C.T) / 2
+    m = 0.5 * torch.randn(D, generator=g, dtype=f64)
+    prior = GaussianDenoiser(m, C)
+    x_true = prior.sample(1, generator=g)[0]
+
+    # observation 1: y1 = A x + N(0, 0.1^2 I), A random 6 x D
+    A = torch.randn(6, D, generator=g, dtype=f64) / math.sqrt(D)
+    std1 = 0.1
+    y1 = A @ x_true + std1 * torch.randn(6, generator=g, dtype=f64)
+    # observation 2: 3 coordinates seen directly, noise std 0.05; NaN marks the unobserved
+    coords = sorted(torch.randperm(D, generator=g)[:3].tolist())
+    mask = torch.zeros(D, dtype=torch.bool)
+    mask[coords] = True
+    std2 = 0.05
+    noisy = x_true + std2 * torch.randn(D, generator=g, dtype=f64)
+    y2 = torch.where(mask, noisy, torch.full_like(noisy, math.nan))
+    observations = [
+        Observation(y1, A=ops.Matrix(A), noise=std1),
+        Observation(y2, A=ops.Mask(mask), noise=std2),
+    ]
+
+    # the exact posterior: both observations stacked into one linear-Gaussian likelihood
+    A_all = torch.cat([A, torch.eye(D, dtype=f64)[mask]])
+    y_all = torch.cat([y1, y2[mask]])
+    var_all = torch.cat([torch.full((6,), std1**2, dtype=f64),
+                         torch.full((len(coords),), std2**2, dtype=f64)])
+    exact = prior.condition(A_all, y_all, var_all)
+    return {
+        "prior": prior,
+        "observations": observations,
+        "exact": exact,
+        "x_true": x_true,
+        "masked": coords,
+        "noise": (std1, std2),
+        "dim": D,
+    }
+
+
+def _methods(steps: int) -> list[dict[str, Any]]:
+    """The runs the demo compares: MMPS and DPS, and the same samplers driven by the exact
+    posterior denoiser (which isolates the samplers' own discretisation error)."""
+    fast = max(steps // 4, 2)
+    dpm = {"sampler": "dpm++", "steps": fast, "options": {"order": 2, "grid": "logsnr"},
+           "label": f"dpm++ 2M, logsnr grid, {fast} steps"}
+    ddpm = {"sampler": "ddpm", "steps": steps, "options": {"grid": "uniform"},
+            "label": f"ddpm, uniform grid, {steps} steps"}
+    return [
+        {"key": "mmps-dpm++", "method": "MMPS", **dpm},
+        {"key": "mmps-ddpm", "method": "MMPS", **ddpm},
+        {"key": "dps-ddpm", "method": "DPS", **ddpm},
+        {"key": "exact-denoiser-dpm++", "method": "exact denoiser", **dpm},
+        {"key": "exact-denoiser-ddpm", "method": "exact denoiser", **ddpm},
+    ]
+
+
+# DPS's step size: Chung et al.'s normalised step zeta / ||y - A(x_hat)||. The plain step
+# (normalize=False) diverges on this problem from zeta = 0.2 on, and is biased below.
+DPS_ZETA = 2.0
+# MMPS's relative tolerance of the linear solve (converged: exact for a Gaussian prior)
+MMPS_TOL = 1e-6
+
+
+def gaussian_demo(
+    out: str | os.PathLike[str],
+    samples: int = 1024,
+    steps: int = 64,
+    seed: int = 0,
+    quiet: bool = False,
+    stream: Any = None,
+) -> dict[str, Any]:
+    """Runs the ``gaussian`` demo: writes ``out/posterior.png`` and ``out/metrics.json`` and
+    prints a table of errors to ``stream`` (default stdout). Returns the metrics."""
+    from . import DPS, MMPS, sample
+    from .plots import pair_plot
+
+    out = Path(out)
+    stream = stream if stream is not None else sys.stdout
+
+    def say(*lines: str) -> None:
+        if not quiet:
+            print(*lines, sep="\n", file=stream, flush=True)
+
+    try:  # fail before the work if the output directory cannot be made
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DemoError(f"cannot create the output directory {str(out)!r}: {error}") from error
+
+    problem = _gaussian_problem(seed)
+    prior, observations, exact = problem["prior"], problem["observations"], problem["exact"]
+    D, (std1, std2), masked = problem["dim"], problem["noise"], problem["masked"]
+    say(
+        f"plausible {_version()}: gaussian demo (seed {seed})",
+        f"  prior:        N(m, C) on a {D}-dimensional state, dense random C",
+        f"  observation1: y1 = A x + noise, A a random 6 x {D} matrix, noise std {std1}",
+        f"  observation2: y2 = x[{masked}] + noise (ops.Mask), noise std {std2}",
+        f"  exact posterior in closed form; {samples} samples per method",
+        "",
+    )
+
+    rows: list[dict[str, Any]] = []
+    draws: dict[str, Tensor] = {}
+    for spec in _methods(steps):
+        if spec["method"] == "MMPS":
+            denoiser = MMPS(prior, observations, tol=MMPS_TOL)
+        elif spec["method"] == "DPS":
+            denoiser = DPS(prior, observations, zeta=DPS_ZETA, normalize=True)
+        else:
+            denoiser = exact
+        stats = getattr(denoiser, "stats", None)
+        say(f"sampling {spec['method']} ({spec['label']})")
+        # warm-up (first-call overheads of torch.func), then timed and counted from zero
+        with contextlib.suppress(FloatingPointError):
+            sample(denoiser, 2, steps=2, sampler=spec["sampler"], dtype=torch.float64, seed=0,
+                   progress=False)
+        if stats is not None:
+            denoiser.reset_stats()
+        start = time.perf_counter()
+        try:
+            # the same seed for every run: common random numbers make the rows comparable
+            x = sample(denoiser, samples, steps=spec["steps"], sampler=spec["sampler"],
+                       dtype=torch.float64, seed=seed + 1, progress=not quiet,
+                       **spec["options"])
+            diverged = not bool(torch.isfinite(x).all())
+        except FloatingPointError:
+            x, diverged = None, True
+        elapsed = time.perf_counter() - start
+        stats = getattr(denoiser, "stats", None)
+        row = {
+            "key": spec["key"],
+            "method": spec["method"],
+            "sampler": spec["sampler"],
+            "steps": spec["steps"],
+            **spec["options"],
+            "diverged": diverged,
+            "wall_time_s": elapsed,
+            "denoiser_calls": stats["calls"] if stats else None,
+            "vjps": stats["vjps"] if stats else None,
+            "solver_iterations": stats["solver_iterations"] if stats else None,
+        }
+        if spec["method"] == "DPS":
+            row.update(zeta=DPS_ZETA, normalize=True)
+        elif spec["method"] == "MMPS":
+            row.update(tol=MMPS_TOL)
+        if x is None or diverged:
+            row.update(mean_error=None, cov_error=None, mean_error_raw=None, cov_error_raw=None)
+        else:
+            row.update(posterior_errors(x, exact.mean, exact.covariance))
+            draws[spec["key"]] = x
+        rows.append(row)
+
+    start = time.perf_counter()
+    x_exact = exact.sample(samples, generator=torch.Generator().manual_seed(seed + 2))
+    elapsed = time.perf_counter() - start
+    rows.append({
+        "key": "exact", "method": "exact samples", "sampler": "closed form", "steps": None,
+        "diverged": False, "wall_time_s": elapsed, "denoiser_calls": None, "vjps": None,
+        "solver_iterations": None,
+        **posterior_errors(x_exact, exact.mean, exact.covariance),
+    })
+
+    # figure: the three coordinates of largest posterior variance and one masked coordinate
+    var = torch.diagonal(exact.covariance).clone()
+    var[masked] = -1.0
+    dims = sorted(var.argsort(descending=True)[:3].tolist() + [masked[0]])
+    names = [f"x[{d}]" + (" (obs.)" if d in masked else "") for d in dims]
+    sets = {}
+    for row in rows:
+        if row["key"] in ("mmps-dpm++", "dps-ddpm") and row["key"] in draws:
+            label = f"{row['method']} ({row['sampler']}, {row['steps']} steps)"
+            sets[label] = draws[row["key"]]
+    sets["exact"] = x_exact
+    figure_path, metrics_path = out / "posterior.png", out / "metrics.json"
+    table = format_table(rows)
+    metrics = {
+        "demo": "gaussian",
+        "version": _version(),
+        "settings": {"samples": samples, "steps": steps, "seed": seed},
+        "problem": {
+            "dim": D,
+            "observations": [
+                {"operator": "Matrix", "shape": [6, D], "noise_std": std1},
+                {"operator": "Mask", "coordinates": masked, "noise_std": std2},
+            ],
+        },
+        "mc_floor": {
+            "mean_error_raw": math.sqrt(D / samples),
+            "cov_error_raw": math.sqrt(D * (D + 1) / (samples - 1)),
+        },
+        "units": "mean_error and cov_error are in units of mc_floor, the root-mean-square "
+                 "error of as many exact posterior samples; *_raw are unscaled",
+        "methods": {row.pop("key"): row for row in rows},
+        "figure": str(figure_path),
+    }
+    try:  # the files first: they are the demo's result, whatever happens to the terminal
+        pair_plot(sets, dims=dims, reference="exact", path=figure_path, names=names,
+                  truth=problem["x_true"],
+                  title=f"Gaussian demo: posterior samples ({samples} per set)")
+        metrics_path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    except OSError as error:
+        raise DemoError(f"cannot write the demo's output to {str(out)!r}: {error}") from error
+
+    if not quiet:
+        print(file=stream)
+    print(table, file=stream)
+    say(
+        "",
+        f"errors in units of the Monte-Carlo error of {samples} exact posterior samples",
+        "('exact samples' is one such draw: about 1 is as good as exact sampling;",
+        "'exact denoiser' drives the same sampler with the true posterior denoiser, so it",
+        "shows the sampler's own discretisation error).",
+    )
+    print(f"wrote {figure_path} and {metrics_path}", file=stream, flush=True)
+    return metrics
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The demo's table of errors, times and evaluation counts."""
+
+    def num(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    header = ("method", "sampler", "steps", "mean err", "cov err", "time [s]", "calls", "VJPs")
+    lines = []
+    for r in rows:
+        sampler = r["sampler"]
+        if sampler == "dpm++":
+            sampler = f"dpm++ {r.get('order', 2)}M"
+        if r.get("grid"):
+            sampler = f"{sampler}, {r['grid']}"
+        err = ("diverged", "diverged") if r["diverged"] else (
+            num(r["mean_error"], ".2f"), num(r["cov_error"], ".2f"))
+        lines.append((r["method"], sampler, num(r["steps"], "d"), *err,
+                      num(r["wall_time_s"], ".2f"), num(r["denoiser_calls"], "d"),
+                      num(r["vjps"], "d")))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    left = {0, 1}
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), rule, *(fmt(line) for line in lines)])
+
+
+DEMOS: dict[str, tuple[Callable[..., dict[str, Any]], str]] = {
+    "gaussian": (
+        gaussian_demo,
+        "random linear-Gaussian inverse problem (16-D, two observations): MMPS and DPS "
+        "against the closed-form posterior",
+    ),
+}
+DEFAULT_DEMO = "gaussian"
+
+
+# ---------------------------------------------------------------------------------------------
+# argument parsing
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``plausible`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="plausible",
+        description="plausible: Bayesian inverse problems with diffusion models.",
+        epilog="Run 'plausible demo' for a quick tour; 'plausible demo --help' for its "
+               "options.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo",
+        help="run a demonstration and write its figure and metrics",
+        description="Run a demonstration: sample a posterior with several methods, print a "
+                    "table of their errors and costs, write DIR/posterior.png and "
+                    "DIR/metrics.json.",
+    )
+    demo.add_argument("name", nargs="?", default=DEFAULT_DEMO, metavar="NAME",
+                      help=f"the demo to run (default: {DEFAULT_DEMO}; see --list)")
+    demo.add_argument("--list", action="store_true", help="list the demos and exit")
+    demo.add_argument("--out", metavar="DIR", default=DEFAULT_OUT,
+                      help=f"output directory (default: {DEFAULT_OUT}/)")
+    demo.add_argument("--samples", metavar="N", type=_int_at_least(32), default=1024,
+                      help="samples per method (default: 1024, at least 32)")
+    demo.add_argument("--steps", metavar="S", type=_int_at_least(4), default=64,
+                      help="steps of the DDPM samplers; the second-order DPM-Solver++ takes "
+                           "S/4 (default: 64, at least 4)")
+    demo.add_argument("--seed", metavar="K", type=int, default=0,
+                      help="random seed of the problem and the samplers (default: 0)")
+    demo.add_argument("--quiet", action="store_true",
+                      help="no progress bars or explanations: only the table and the paths")
+    demo.set_defaults(handler=_demo, subparser=demo)
+
+    train = commands.add_parser(
+        "train",
+        help="train a prior from a configuration file",
+        description="Train a diffusion prior described by a TOML or YAML configuration "
+                    "([model], [data], [training]; see docs/guide.md). Checkpoints go to "
+                    "training.out; run it again with --resume after a crash. Works under "
+                    "'torchrun --nproc_per_node=N -m plausible train CONFIG'.",
+    )
+    train.add_argument("config", metavar="CONFIG", help="a .toml, .yaml or .yml file")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in training.out")
+    train.add_argument("--check", action="store_true",
+                       help="only validate the configuration and exit")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(handler=_train, subparser=train)
+
+    draw = commands.add_parser(
+        "sample",
+        help="draw samples from a trained prior",
+        description="Draw samples from a checkpoint (a run folder or a step folder) and write "
+                    "them as a safetensors file (tensor 'x'), with a PNG of them.",
+    )
+    draw.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder of 'plausible train'")
+    draw.add_argument("-n", "--samples", metavar="N", type=_int_at_least(1), default=64,
+                      help="number of samples (default: 64)")
+    draw.add_argument("--steps", metavar="S", type=_int_at_least(1), default=64,
+                      help="sampler steps (default: 64)")
+    draw.add_argument("--sampler", default="ddpm",
+                      choices=["ddpm", "ddim", "heun", "pc", "dpm", "dpm++"],
+                      help="sampler (default: ddpm)")
+    draw.add_argument("--grid", default="uniform", choices=["uniform", "logsnr", "karras"],
+                      help="time grid (default: uniform)")
+    draw.add_argument("--seed", metavar="K", type=int, default=0, help="random seed")
+    draw.add_argument("--device", default="cpu", help="device (default: cpu)")
+    draw.add_argument("--out", metavar="FILE", default="samples.safetensors",
+                      help="output file (default: samples.safetensors; a PNG is written beside)")
+    draw.add_argument("--quiet", action="store_true", help="no progress bar")
+    draw.set_defaults(handler=_sample, subparser=draw)
+    return parser
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .config import ConfigError, read_config, train
+
+    try:
+        config = read_config(args.config)
+    except ConfigError as error:
+        print(f"plausible train: error: {error}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: valid")
+        return 0
+    try:
+        history = train(config, resume=args.resume, progress=not args.quiet)
+    except (ConfigError, CheckpointError) as error:
+        print(f"plausible train: error: {error}", file=sys.stderr)
+        return 1
+    if not history["loss"]:
+        print(f"{config.training.out} is already trained to step {config.training.steps}")
+    else:
+        print(f"trained to step {history['step'][-1]}: loss {history['loss'][-1]:.4f}"
+              + (f", validation loss {history['val_loss'][-1]:.4f}" if history["val_loss"]
+                 else "") + f"; checkpoints in {config.training.out}")
+    return 0
+
+
+def _sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from safetensors.torch import save_file
+
+    from .checkpoints import load
+    from .sampling import sample
+
+    try:
+        model = load(args.checkpoint, map_location=args.device)
+    except CheckpointError as error:
+        print(f"plausible sample: error: {error}", file=sys.stderr)
+        return 1
+    x = sample(model, args.samples, steps=args.steps, sampler=args.sampler, grid=args.grid,
+               seed=args.seed, device=args.device, progress=not args.quiet)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"x": x.detach().cpu().contiguous()}, str(out),
+              metadata={"checkpoint": str(args.checkpoint), "sampler": args.sampler,
+                        "steps": str(args.steps), "seed": str(args.seed)})
+    png = out.with_suffix(".png")
+    from . import plots
+
+    if x.dim() == 2:
+        plots.pair_plot({"samples": x}, dims=list(range(min(4, x.shape[1]))), path=png)
+    elif x.dim() >= 3:
+        images = x if x.dim() == 4 else x.unsqueeze(1) if x.dim() == 3 else x.flatten(1, -3)
+        plots.image_grid(images[:64], nrow=8, path=png)
+    print(f"wrote {out} ({tuple(x.shape)}) and {png}")
+    return 0
+
+
+def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.list:
+        width = max(len(name) for name in DEMOS)
+        for name, (_, description) in DEMOS.items():
+            tag = " (default)" if name == DEFAULT_DEMO else ""
+            print(f"{name.ljust(width)}  {description}{tag}")
+        return 0
+    if args.name not in DEMOS:
+        parser.error(f"unknown demo {args.name!r}; available: {', '.join(DEMOS)} "
+                     "(see 'plausible demo --list')")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {str(out)!r} exists and is not a directory")
+    run, _ = DEMOS[args.name]
+    # the demo's tensors are small: one thread is fastest, and kind to a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(out, samples=args.samples, steps=args.steps, seed=args.seed, quiet=args.quiet)
+    except DemoError as error:
+        print(f"plausible demo: error: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # e.g. `plausible demo | head`: the files are written already
+        _silence_stdout()
+        return 1
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null, so that the interpreter's final flush of a closed pipe
+    does not print another error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``plausible`` command; returns the exit status.
+
+    Raises:
+        SystemExit: On bad arguments (status 2, with a message on stderr), ``--help`` and
+            ``--version`` (status 0).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.handler(args, args.subparser)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
