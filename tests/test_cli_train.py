@@ -48,7 +48,8 @@ def test_train_then_sample_reproduces_the_data(setup, capsys):
     tmp_path, config, x = setup
     assert main(["train", config(400), "--quiet"]) == 0
     assert main(["train", config(400), "--quiet"]) == 1  # refuses to overwrite the run
-    assert main(["train", config(600), "--resume", "--quiet"]) == 0
+    with pytest.warns(UserWarning, match="changed training options"):  # 400 -> 600 steps
+        assert main(["train", config(600), "--resume", "--quiet"]) == 0
     out = tmp_path / "samples.safetensors"
     assert main(["sample", str(tmp_path / "run"), "-n", "1000", "--out", str(out),
                  "--quiet"]) == 0
