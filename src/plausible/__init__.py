@@ -29,6 +29,7 @@ from .observations import Observation, Operator
 from .posterior import DPS, MMPS, SDA, ZeroShotPosterior
 from .sampling import SAMPLERS, sample
 from .schedules import RectifiedSchedule, Schedule, VESchedule, VPSchedule, time_grid
+from .smc import SMC, SMCResult
 from .training import fit
 
 __version__ = "0.1.0"
@@ -52,6 +53,8 @@ __all__ = [
     "SDA",
     "SAMPLERS",
     "sample",
+    "SMC",
+    "SMCResult",
     "Schedule",
     "VPSchedule",
     "VESchedule",

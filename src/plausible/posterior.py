@@ -26,7 +26,9 @@ likelihoods multiply; MMPS solves one joint system).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +38,7 @@ from .denoisers import Denoiser, right_broadcast
 from .linalg import Solution, cg, gmres
 from .observations import Observation
 
-__all__ = ["ZeroShotPosterior", "MMPS", "DPS", "SDA"]
+__all__ = ["ZeroShotPosterior", "MMPS", "MMPSStep", "DPS", "SDA"]
 
 
 class ZeroShotPosterior(Denoiser):
@@ -126,6 +128,10 @@ class MMPS(ZeroShotPosterior):
         self.last_solution: Solution | None = None
 
     def forward(self, x_t: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+        return self.step(x_t, t, **cond).x_post
+
+    def step(self, x_t: Tensor, t: Tensor | float, **cond: Any) -> MMPSStep:
+        """One MMPS evaluation with its by-products (see :class:`MMPSStep`)."""
         t = self.check(x_t, t)
         alpha, sigma = self.schedule(t)
         gamma = right_broadcast(sigma**2 / alpha, x_t)
@@ -180,9 +186,55 @@ class MMPS(ZeroShotPosterior):
             solution = solve(matvec, b, tol=self.tol, maxiter=self.maxiter)
         self.last_solution = solution
         self.stats["solver_iterations"] += solution.iterations
-        if solution.aux is None:
-            return x_hat
-        return (x_hat + solution.aux.to(x_hat.dtype)).detach()
+        x_post = x_hat if solution.aux is None else (x_hat + solution.aux.to(x_hat.dtype))
+        observed = torch.cat([m.expand(s).flatten() for m, s in zip(masks, shapes)])
+        return MMPSStep(x_hat=x_hat, x_post=x_post.detach(), residual=b, u=solution.x,
+                        solution=solution, observed=observed,
+                        matvec=lambda v: matvec(v)[0])
+
+    def log_likelihood(self, step: MMPSStep) -> Tensor:
+        r"""The moment-matched likelihood :math:`\log \mathcal{N}(y; A\hat{x}, \Sigma_y +
+        A V A^\top)` of one :meth:`step`, per batch element ``(B,)`` (float64), over the
+        observed entries. The log-determinant is exact: the ``M x M`` matrix is assembled
+        from ``M`` products (``M`` VJPs through the prior), for moderate ``M``."""
+        b, u, observed = step.residual, step.u, step.observed
+        M = b.shape[1]
+        with torch.no_grad():
+            eye = torch.eye(M, dtype=b.dtype, device=b.device)
+            cols = [step.matvec(eye[j].expand(b.shape[0], M)) for j in range(M)]
+        S = torch.stack(cols, dim=-1).to(torch.float64)  # (B, M, M), column j = S e_j
+        S = (S + S.transpose(1, 2)) / 2
+        sign, logdet = torch.linalg.slogdet(S)
+        if not bool((sign > 0).all()):
+            raise FloatingPointError("the moment-matched covariance is not positive definite")
+        quad = torch.einsum("bm,bm->b", b.to(torch.float64), u.to(torch.float64))
+        M_obs = int(observed.sum())
+        return -0.5 * (quad + logdet + M_obs * math.log(2 * math.pi))
+
+
+@dataclass
+class MMPSStep:
+    r"""By-products of one MMPS evaluation at ``(x_t, t)``.
+
+    Attributes:
+        x_hat: The prior denoiser :math:`\hat{x} = d(x_t, t)`, ``(B, *S)``.
+        x_post: The MMPS posterior mean :math:`\hat{x} + V A^\top u`, ``(B, *S)``.
+        residual: :math:`r = y - A(\hat{x})`, stacked over observations, ``(B, M)`` (zero at
+            unobserved entries).
+        u: The solution of :math:`(\Sigma_y + A V A^\top) u = r`, ``(B, M)``.
+        solution: The solver's :class:`~plausible.linalg.Solution`.
+        observed: Which of the ``M`` stacked entries are observed, ``(M,)`` bool.
+        matvec: :math:`v \mapsto (\Sigma_y + A V A^\top) v` on ``(B, M)`` (identity at
+            unobserved entries).
+    """
+
+    x_hat: Tensor
+    x_post: Tensor
+    residual: Tensor
+    u: Tensor
+    solution: Solution
+    observed: Tensor
+    matvec: Callable[[Tensor], Tensor]
 
 
 class DPS(ZeroShotPosterior):
