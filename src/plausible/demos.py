@@ -133,15 +133,15 @@ def mixture_demo(
     colours = {"exact": "0.6", "MMPS": "tab:orange", "SMC": "tab:blue"}
     for name in ("exact", "MMPS", "SMC"):
         x = draws[name][:1000]
-        ax1.scatter(x[:, dims[0]], x[:, dims[1]], s=4, alpha=0.4, c=colours[name], label=name)
+        ax1.scatter(x[:, dims[0]].numpy(), x[:, dims[1]].numpy(), s=4, alpha=0.4, c=colours[name], label=name)
     ax1.set_xlabel(f"x[{dims[0]}]")
     ax1.set_ylabel(f"x[{dims[1]}]")
     ax1.legend(markerscale=4)
     ax1.set_title("posterior samples")
     k = min(5, exact.weights.numel())
     width = 0.27
-    positions = torch.arange(k, dtype=F64)
-    ax2.bar(positions - width, exact.weights[order][:k], width, color=colours["exact"],
+    positions = torch.arange(k, dtype=F64).numpy()
+    ax2.bar(positions - width, exact.weights[order][:k].tolist(), width, color=colours["exact"],
             label="exact")
     for shift, name in ((0.0, "MMPS"), (width, "SMC")):
         ax2.bar(positions + shift, rows[name]["mode_weights"][:k], width,
