@@ -356,7 +356,8 @@ def test_converged_elements_are_frozen(solver):
             assert torch.equal(sol.residual[0], ref.residual[0])
         else:
             torch.testing.assert_close(sol.x[0], ref.x[0], rtol=1e-13, atol=1e-15)
-            torch.testing.assert_close(sol.residual[0], ref.residual[0], rtol=1e-12, atol=0.0)
+            # a restart (every 32 iterations) recomputes it from the true residual
+            torch.testing.assert_close(sol.residual[0], ref.residual[0], rtol=1e-12, atol=1e-15)
         assert bool(sol.converged[0])
         # the slow element kept improving meanwhile
         assert float(sol.residual[1]) < float(ref.residual[1])

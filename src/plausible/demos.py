@@ -133,7 +133,8 @@ def mixture_demo(
     colours = {"exact": "0.6", "MMPS": "tab:orange", "SMC": "tab:blue"}
     for name in ("exact", "MMPS", "SMC"):
         x = draws[name][:1000]
-        ax1.scatter(x[:, dims[0]].numpy(), x[:, dims[1]].numpy(), s=4, alpha=0.4, c=colours[name], label=name)
+        ax1.scatter(x[:, dims[0]].numpy(), x[:, dims[1]].numpy(), s=4, alpha=0.4,
+                    c=colours[name], label=name)
     ax1.set_xlabel(f"x[{dims[0]}]")
     ax1.set_ylabel(f"x[{dims[1]}]")
     ax1.legend(markerscale=4)

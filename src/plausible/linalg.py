@@ -72,11 +72,25 @@ def _check(b: Tensor, tol: float, maxiter: int | None) -> int:
     return maxiter
 
 
+def _start(
+    matvec: MatVec, b: Tensor, x0: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """(x, residual, aux of x, matvecs used) of the starting point, in float64."""
+    f64 = torch.float64
+    if x0 is None:
+        return torch.zeros_like(b, dtype=f64), b.to(f64), None, 0
+    if x0.shape != b.shape:
+        raise ValueError(f"x0 must have the shape of b {tuple(b.shape)}, got {tuple(x0.shape)}")
+    Kx, Gx = _split(matvec(x0.to(b.dtype)))
+    return x0.to(f64), b.to(f64) - Kx, (Gx.to(f64) if Gx is not None else None), 1
+
+
 def cg(
     matvec: MatVec,
     b: Tensor,
     tol: float = 1e-6,
     maxiter: int | None = None,
+    x0: Tensor | None = None,
 ) -> Solution:
     r"""Conjugate gradient for symmetric positive-definite :math:`K`.
 
@@ -85,21 +99,21 @@ def cg(
         b: Right-hand side, shape ``(B, N)``.
         tol: Relative residual tolerance.
         maxiter: Maximum number of iterations (default ``N``).
+        x0: Initial guess ``(B, N)`` (default zero); costs one more ``matvec``, counted in
+            ``iterations`` but not against ``maxiter``.
 
     Returns:
-        A :class:`Solution`, started from :math:`u_0 = 0`.
+        A :class:`Solution`.
     """
     maxiter = _check(b, tol, maxiter)
     f64 = torch.float64
-    r = b.to(f64)
-    x = torch.zeros_like(r)
+    b64 = b.to(f64)
+    bnorm = _dot(b64, b64).sqrt()
+    x, r, aux, iterations = _start(matvec, b, x0)
     p = r.clone()
     rr = _dot(r, r)
-    bnorm = rr.sqrt()
     active = rr.sqrt() > tol * bnorm
     active &= bnorm > 0
-    aux = None
-    iterations = 0
     for _ in range(maxiter):
         if not bool(active.any()):
             break
@@ -135,6 +149,7 @@ def gmres(
     tol: float = 1e-6,
     maxiter: int | None = None,
     restart: int | None = None,
+    x0: Tensor | None = None,
 ) -> Solution:
     r"""Restarted GMRES (Arnoldi with modified Gram-Schmidt, Givens rotations) for any
     non-singular :math:`K` (a learned Tweedie Jacobian is not exactly symmetric).
@@ -144,35 +159,41 @@ def gmres(
         b: Right-hand side, shape ``(B, N)``.
         tol: Relative residual tolerance.
         maxiter: Maximum total number of ``matvec`` calls on Krylov vectors (default ``N``).
-        restart: Krylov subspace size before a restart (default: no restart). Each restart
-            costs one extra ``matvec`` for the new residual.
+        restart: Krylov subspace size before a restart (default 32, which bounds the memory
+            to 32 Krylov vectors and 32 auxiliary outputs). Each restart costs one extra
+            ``matvec`` for the new residual.
+        x0: Initial guess ``(B, N)`` (default zero); costs one more ``matvec``, counted in
+            ``iterations`` but not against ``maxiter``.
 
     Returns:
-        A :class:`Solution`, started from :math:`u_0 = 0`.
+        A :class:`Solution`.
     """
     maxiter = _check(b, tol, maxiter)
     f64 = torch.float64
     B = b.shape[0]
     b64 = b.to(f64)
     bnorm = b64.norm(dim=1)
-    x = torch.zeros_like(b64)
-    aux: Tensor | None = None
-    r = b64
-    rnorm = bnorm.clone()
-    iterations = 0
-    m_max = maxiter if restart is None else max(1, min(restart, maxiter))
+    x, r, aux, iterations = _start(matvec, b, x0)
+    rnorm = r.norm(dim=1)
+    start_cost = iterations  # the matvec of x0 does not count against maxiter
+    if restart is None:
+        restart = 32
+    m_max = max(1, min(restart, maxiter))
     scale = torch.where(bnorm > 0, bnorm, 1.0)
-    while iterations < maxiter and bool(((rnorm > tol * bnorm) & (bnorm > 0)).any()):
-        if iterations > 0:  # restart: fresh residual
+    while iterations - start_cost < maxiter and bool(((rnorm > tol * bnorm) & (bnorm > 0)).any()):
+        if iterations > start_cost:  # restart: fresh residual
             Kx, _ = _split(matvec(x.to(b.dtype)))
             iterations += 1
             r = b64 - Kx
             rnorm = r.norm(dim=1)
-            if iterations >= maxiter or not bool(((rnorm > tol * bnorm) & (bnorm > 0)).any()):
+            if iterations - start_cost >= maxiter or not bool(
+                ((rnorm > tol * bnorm) & (bnorm > 0)).any()
+            ):
                 break
-        m = min(m_max, maxiter - iterations)
+        m = min(m_max, maxiter - (iterations - start_cost))
         active = (rnorm > tol * bnorm) & (bnorm > 0)
-        V = [r / torch.where(rnorm > 0, rnorm, 1.0)[:, None]]
+        V = torch.empty(m + 1, B, b.shape[1], dtype=f64, device=b.device)
+        V[0] = r / torch.where(rnorm > 0, rnorm, 1.0)[:, None]
         G: list[Tensor] = []
         R = torch.zeros(B, m, m, dtype=f64, device=b.device)
         g = torch.zeros(B, m + 1, dtype=f64, device=b.device)
@@ -186,12 +207,16 @@ def gmres(
             k = j + 1
             if Gv is not None:
                 G.append(Gv.to(f64))
+            # classical Gram-Schmidt, twice (CGS2): two batched products per iteration
+            basis = V[: j + 1]
+            coef = torch.einsum("kbn,bn->bk", basis, w)
+            w = w - torch.einsum("bk,kbn->bn", coef, basis)
+            again = torch.einsum("kbn,bn->bk", basis, w)
+            w = w - torch.einsum("bk,kbn->bn", again, basis)
             h = torch.zeros(B, j + 2, dtype=f64, device=b.device)
-            for i in range(j + 1):
-                h[:, i] = _dot(V[i], w)
-                w = w - h[:, i, None] * V[i]
+            h[:, : j + 1] = coef + again
             h[:, j + 1] = w.norm(dim=1)
-            V.append(w / torch.where(h[:, j + 1] > 0, h[:, j + 1], 1.0)[:, None])
+            V[j + 1] = w / torch.where(h[:, j + 1] > 0, h[:, j + 1], 1.0)[:, None]
             for i in range(j):  # previous rotations
                 hi, hi1 = h[:, i].clone(), h[:, i + 1].clone()
                 h[:, i] = cs[:, i] * hi + sn[:, i] * hi1
@@ -218,7 +243,7 @@ def gmres(
                 break
         y = torch.linalg.solve_triangular(R[:, :k, :k], g[:, :k, None], upper=True)[..., 0]
         y = torch.where(torch.isfinite(y), y, 0.0)
-        x = x + torch.einsum("bk,kbn->bn", y, torch.stack(V[:k]))
+        x = x + torch.einsum("bk,kbn->bn", y, V[:k])
         if G:
             Gs = torch.stack(G)  # (k, B, ...)
             term = torch.einsum("bk,kb...->b...", y, Gs)

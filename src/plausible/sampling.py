@@ -18,6 +18,9 @@ time grid :math:`1 = t_0 > \dots > t_N = 0`. With :math:`\hat{x} = d(x_t, t)` an
 - ``"dpm++"``: multistep DPM-Solver++ (data prediction), order 1, 2 or 3, in
   :math:`\lambda_t = \log(\alpha_t / \sigma_t)`;
 - ``"dpm"``: multistep DPM-Solver (noise prediction), order 1, 2 or 3;
+- ``"unipc"``: UniPC (Zhao et al. 2023) in data prediction with :math:`B(h) = e^h - 1`:
+  the multistep predictor of order ``order``, and after each new evaluation a corrector that
+  raises the order by one at no extra evaluation;
 - ``"pc"``: predictor-corrector: a DDIM predictor then ``corrections`` Langevin steps
   :math:`x \leftarrow x - \delta \sigma_s \hat\epsilon + \sqrt{2\delta}\, \sigma_s z` with
   SDA's step :math:`\delta = \tau / \overline{\hat\epsilon^2}` (one evaluation each).
@@ -36,7 +39,7 @@ from .schedules import time_grid
 
 __all__ = ["sample", "SAMPLERS", "evaluations"]
 
-SAMPLERS = ("ddpm", "ddim", "heun", "pc", "dpm", "dpm++")
+SAMPLERS = ("ddpm", "ddim", "heun", "pc", "dpm", "dpm++", "unipc")
 
 
 def evaluations(sampler: str, steps: int, corrections: int = 1) -> int:
@@ -80,11 +83,13 @@ def sample(
         denoiser: Any :class:`~plausible.denoisers.Denoiser` with a known ``shape``.
         n: Number of samples.
         steps: Number of steps of the time grid.
-        sampler: One of ``"ddpm"``, ``"ddim"``, ``"heun"``, ``"pc"``, ``"dpm"``, ``"dpm++"``.
-        grid: ``"uniform"`` or ``"karras"`` (see :func:`~plausible.schedules.time_grid`) or a
-            decreasing tensor of times from 1 to 0.
+        sampler: One of ``"ddpm"``, ``"ddim"``, ``"heun"``, ``"pc"``, ``"dpm"``, ``"dpm++"``,
+            ``"unipc"``.
+        grid: ``"uniform"``, ``"logsnr"`` or ``"karras"`` (see
+            :func:`~plausible.schedules.time_grid`) or a decreasing tensor of times from 1 to 0.
         eta: DDIM stochasticity (default 0; ``"ddpm"`` is ``eta = 1``).
-        order: Order of the ``"dpm"`` / ``"dpm++"`` multistep solvers (1, 2 or 3).
+        order: Order of the ``"dpm"`` / ``"dpm++"`` / ``"unipc"`` multistep solvers (1, 2 or
+            3).
         corrections: Langevin corrections per step of ``"pc"``.
         tau: Langevin step factor of ``"pc"`` (SDA: 0.25 Lorenz, 0.5 Kolmogorov).
         generator, seed: Random source (a ``torch.Generator``, or a seed for a new one).
@@ -142,6 +147,9 @@ def sample(
     if eta is None:
         eta = 1.0 if sampler == "ddpm" else 0.0
     history: list[tuple[Tensor, Tensor]] = []  # (lambda, prediction) of previous steps
+    unipc_outputs: list[Tensor] = []  # data predictions at the previous grid points
+    unipc_last: Tensor | None = None
+    unipc_order = 1
 
     for i in tqdm(range(steps), desc=f"sampling ({sampler})", disable=not progress,
                   leave=False):
@@ -167,6 +175,18 @@ def sample(
             y_euler = y + (rho_s - rho_t) * d1
             d2 = (y_euler - d(a_s * y_euler, i + 1)) / rho_s
             x = a_s * (y + (rho_s - rho_t) * (d1 + d2) / 2)
+        elif sampler == "unipc":
+            x_hat = d(x, i)
+            lam = torch.log(alphas / sigmas)
+            if unipc_last is not None:  # corrector: refine the previous step with d(x, i)
+                x = _unipc_update(unipc_last, unipc_outputs, x_hat, lam, alphas, sigmas, i - 1,
+                                  unipc_order)
+            unipc_outputs.append(x_hat)
+            if len(unipc_outputs) > order:
+                unipc_outputs.pop(0)
+            unipc_order = min(order, len(unipc_outputs))
+            unipc_last = x
+            x = _unipc_update(x, unipc_outputs, None, lam, alphas, sigmas, i, unipc_order)
         else:  # multistep exponential integrators
             lam_t, lam_s = torch.log(a_t / s_t), torch.log(a_s / s_s)
             h = lam_s - lam_t
@@ -208,3 +228,47 @@ def sample(
             )
     return x
 
+
+
+def _unipc_update(
+    x: Tensor, outputs: list[Tensor], model_t: Tensor | None, lam: Tensor, alphas: Tensor,
+    sigmas: Tensor, i: int, order: int,
+) -> Tensor:
+    r"""One UniPC update from grid point ``i`` to ``i + 1`` in data prediction (bh2).
+
+    ``outputs`` holds the data predictions at points ``i - order + 1 .. i`` (last is at ``i``).
+    With ``model_t = None`` it is the predictor UniP; with ``model_t`` (the prediction at
+    ``i + 1``) it is the corrector UniC, which refines the point the predictor reached.
+    """
+    m0 = outputs[-1]
+    h = lam[i + 1] - lam[i]
+    hh = -h
+    h_phi_1 = torch.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    B_h = torch.expm1(hh)
+    rks, D1s = [], []
+    for k in range(1, order):
+        rk = (lam[i - k] - lam[i]) / h
+        rks.append(rk)
+        D1s.append((outputs[-(k + 1)] - m0) / rk)
+    rks.append(torch.ones_like(h))
+    rks_t = torch.stack(rks)
+    R, b, factorial = [], [], 1
+    for k in range(1, order + 1):
+        R.append(rks_t ** (k - 1))
+        b.append(h_phi_k * factorial / B_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    R_t, b_t = torch.stack(R), torch.stack(b)
+    x_base = sigmas[i + 1] / sigmas[i] * x - alphas[i + 1] * h_phi_1 * m0
+    if model_t is None:  # predictor
+        if not D1s:
+            return x_base
+        rhos = torch.ones(1, dtype=x.dtype, device=x.device) * 0.5 if order == 2 else \
+            torch.linalg.solve(R_t[:-1, :-1], b_t[:-1])
+        res = sum(r * d for r, d in zip(rhos, D1s, strict=True))
+        return x_base - alphas[i + 1] * B_h * res
+    rhos = torch.ones(1, dtype=x.dtype, device=x.device) * 0.5 if order == 1 else \
+        torch.linalg.solve(R_t, b_t)
+    res = sum(r * d for r, d in zip(rhos[:-1], D1s, strict=True)) if D1s else 0.0
+    return x_base - alphas[i + 1] * B_h * (res + rhos[-1] * (model_t - m0))
