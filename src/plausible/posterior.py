@@ -73,6 +73,30 @@ class ZeroShotPosterior(Denoiser):
         """Sets the counters of :attr:`stats` to zero."""
         self.stats = {"calls": 0, "vjps": 0, "solver_iterations": 0}
 
+    def _guided(
+        self,
+        x_t: Tensor,
+        t: Tensor | float,
+        log_likelihood: Callable[[Tensor, Tensor, Tensor], Tensor],
+        scale: float = 1.0,
+        **cond: Any,
+    ) -> Tensor:
+        r"""The posterior denoiser of a likelihood surrogate :math:`\ell(\hat{x})`
+        differentiated through the prior: :math:`\hat{x} + \frac{\sigma_t^2}{\alpha_t}
+        \, \mathrm{scale} \, \nabla_{x_t} \ell`, with ``log_likelihood(x_hat, alpha,
+        sigma) -> (B,)``. One VJP through the prior."""
+        t = self.check(x_t, t)
+        alpha, sigma = self.schedule(t)
+        self.stats["calls"] += 1
+        self.stats["vjps"] += 1
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_()
+            x_hat = self.prior(x, t, **cond)
+            log_lik = log_likelihood(x_hat, alpha, sigma)
+            (grad,) = torch.autograd.grad(log_lik.sum(), x)
+        gamma = right_broadcast(sigma**2 / alpha, x_t)
+        return (x_hat + gamma * scale * grad).detach()
+
     def _residuals(self, x_hat: Tensor) -> list[Tensor]:
         """:math:`y_i - A_i(\\hat{x})`, zero at unobserved entries; list of ``(B, *S_yi)``."""
         out = []
@@ -279,17 +303,8 @@ class DPS(ZeroShotPosterior):
         return -(total.sqrt() if self.normalize else total / 2)
 
     def forward(self, x_t: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
-        t = self.check(x_t, t)
-        alpha, sigma = self.schedule(t)
-        self.stats["calls"] += 1
-        self.stats["vjps"] += 1
-        with torch.enable_grad():
-            x = x_t.detach().requires_grad_()
-            x_hat = self.prior(x, t, **cond)
-            log_lik = self.log_likelihood_of_estimate(x_hat)
-            (grad,) = torch.autograd.grad(log_lik.sum(), x)
-        gamma = right_broadcast(sigma**2 / alpha, x_t)
-        return (x_hat + gamma * self.zeta * grad).detach()
+        return self._guided(x_t, t, lambda x_hat, *_: self.log_likelihood_of_estimate(x_hat),
+                            self.zeta, **cond)
 
 
 class SDA(ZeroShotPosterior):
@@ -314,20 +329,15 @@ class SDA(ZeroShotPosterior):
             raise ValueError(f"gamma must be non-negative, got {gamma}")
         self.gamma = float(gamma)
 
+    def log_likelihood_of_estimate(self, x_hat: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        r"""The diagonal Gaussian surrogate of :math:`\log p(y \mid x_t)`, ``(B,)``."""
+        log_lik = 0.0
+        for obs, r in zip(self.observations, self._residuals(x_hat)):
+            var = obs.variance().to(x_hat.dtype) + self.gamma * right_broadcast(
+                (sigma / alpha) ** 2, r
+            )
+            log_lik = log_lik - 0.5 * (r.square() / var).flatten(1).sum(1)
+        return log_lik
+
     def forward(self, x_t: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
-        t = self.check(x_t, t)
-        alpha, sigma = self.schedule(t)
-        self.stats["calls"] += 1
-        self.stats["vjps"] += 1
-        with torch.enable_grad():
-            x = x_t.detach().requires_grad_()
-            x_hat = self.prior(x, t, **cond)
-            log_lik = 0.0
-            for obs, r in zip(self.observations, self._residuals(x_hat)):
-                var = obs.variance().to(x.dtype) + self.gamma * right_broadcast(
-                    (sigma / alpha) ** 2, r
-                )
-                log_lik = log_lik - 0.5 * (r.square() / var).flatten(1).sum(1)
-            (grad,) = torch.autograd.grad(log_lik.sum(), x)
-        gamma = right_broadcast(sigma**2 / alpha, x_t)
-        return (x_hat + gamma * grad).detach()
+        return self._guided(x_t, t, self.log_likelihood_of_estimate, **cond)
