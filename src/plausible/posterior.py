@@ -124,7 +124,8 @@ class MMPS(ZeroShotPosterior):
         prior: The prior denoiser (any :class:`~plausible.denoisers.Denoiser`).
         observations: One :class:`~plausible.observations.Observation` or a list.
         tol: Relative residual tolerance of the solve.
-        maxiter: Maximum solver iterations (``None``: the number of observed entries).
+        maxiter: Maximum solver iterations (``None``: the number of observed entries, where a
+            converged Krylov solve stops in exact arithmetic).
         solver: ``"gmres"`` (any Jacobian) or ``"cg"`` (symmetric Jacobians, e.g. an exact
             Gaussian prior).
         warm_start: Start each solve from the previous call's solution when the batch has
@@ -190,41 +191,47 @@ class MMPS(ZeroShotPosterior):
         residuals = self._residuals(x_hat)
         sizes = [r[0].numel() for r in residuals]
         shapes = [r.shape[1:] for r in residuals]
+        # the solve runs over the observed entries only (a mask's holes are not carried)
+        observed = torch.cat([m.expand(s).flatten() for m, s in zip(masks, shapes)])
+        index = None if bool(observed.all()) else observed.nonzero().squeeze(1)
+        total = observed.numel()
 
         def unpack(u: Tensor) -> list[Tensor]:
-            return [
-                torch.where(m, part.reshape(B, *s), 0.0)
-                for part, s, m in zip(u.split(sizes, dim=1), shapes, masks)
-            ]
+            if index is not None:
+                full = u.new_zeros(B, total)
+                full[:, index] = u
+                u = full
+            return [part.reshape(B, *s) for part, s in zip(u.split(sizes, dim=1), shapes)]
+
+        def pack(parts: list[Tensor]) -> Tensor:
+            flat = torch.cat([p.flatten(1) for p in parts], dim=1)
+            return flat if index is None else flat[:, index]
 
         def matvec(u: Tensor) -> tuple[Tensor, Tensor]:
             parts = unpack(u)
             At_u = sum(vjp_A(p)[0] for (_, vjp_A), p in zip(linear_maps, parts))
             self.stats["vjps"] += 1
             w = gamma * vjp_prior(At_u)[0]
-            out = []
-            for obs, (jvp_A, _), p, m, raw in zip(
-                self.observations, linear_maps, parts, masks, u.split(sizes, dim=1)
-            ):
-                Kp = obs.cov_y(p) + jvp_A(w)
-                out.append(torch.where(m, Kp, raw.reshape(B, *m.shape)).flatten(1))
-            return torch.cat(out, dim=1), w
+            out = [obs.cov_y(p) + jvp_A(w)
+                   for obs, (jvp_A, _), p in zip(self.observations, linear_maps, parts)]
+            return pack(out), w
 
-        b = torch.cat([r.flatten(1) for r in residuals], dim=1)
+        b = pack(residuals)
         solve = cg if self.solver == "cg" else gmres
         x0 = self._u_previous
         if not self.warm_start or x0 is None or x0.shape != b.shape or x0.dtype != b.dtype \
                 or x0.device != b.device:
             x0 = None
+        maxiter = self.maxiter if self.maxiter is not None else b.shape[1]
         with torch.no_grad():
-            solution = solve(matvec, b, tol=self.tol, maxiter=self.maxiter, x0=x0)
+            solution = solve(matvec, b, tol=self.tol, maxiter=maxiter, x0=x0)
         self._u_previous = solution.x.detach() if self.warm_start else None
         self.last_solution = solution
         self.stats["solver_iterations"] += solution.iterations
         x_post = x_hat if solution.aux is None else (x_hat + solution.aux.to(x_hat.dtype))
-        observed = torch.cat([m.expand(s).flatten() for m, s in zip(masks, shapes)])
         return MMPSStep(x_hat=x_hat, x_post=x_post.detach(), residual=b, u=solution.x,
-                        solution=solution, observed=observed,
+                        solution=solution, observed=index if index is not None else
+                        torch.arange(total, device=b.device),
                         matvec=lambda v: matvec(v)[0])
 
     def log_likelihood(self, step: MMPSStep) -> Tensor:
@@ -232,7 +239,7 @@ class MMPS(ZeroShotPosterior):
         A V A^\top)` of one :meth:`step`, per batch element ``(B,)`` (float64), over the
         observed entries. The log-determinant is exact: the ``M x M`` matrix is assembled
         from ``M`` products (``M`` VJPs through the prior), for moderate ``M``."""
-        b, u, observed = step.residual, step.u, step.observed
+        b, u = step.residual, step.u
         M = b.shape[1]
         with torch.no_grad():
             eye = torch.eye(M, dtype=b.dtype, device=b.device)
@@ -243,8 +250,7 @@ class MMPS(ZeroShotPosterior):
         if not bool((sign > 0).all()):
             raise FloatingPointError("the moment-matched covariance is not positive definite")
         quad = torch.einsum("bm,bm->b", b.to(torch.float64), u.to(torch.float64))
-        M_obs = int(observed.sum())
-        return -0.5 * (quad + logdet + M_obs * math.log(2 * math.pi))
+        return -0.5 * (quad + logdet + M * math.log(2 * math.pi))
 
 
 @dataclass
@@ -254,13 +260,12 @@ class MMPSStep:
     Attributes:
         x_hat: The prior denoiser :math:`\hat{x} = d(x_t, t)`, ``(B, *S)``.
         x_post: The MMPS posterior mean :math:`\hat{x} + V A^\top u`, ``(B, *S)``.
-        residual: :math:`r = y - A(\hat{x})`, stacked over observations, ``(B, M)`` (zero at
-            unobserved entries).
+        residual: :math:`r = y - A(\hat{x})` at the ``M`` observed entries of the stacked
+            observations, ``(B, M)``.
         u: The solution of :math:`(\Sigma_y + A V A^\top) u = r`, ``(B, M)``.
         solution: The solver's :class:`~plausible.linalg.Solution`.
-        observed: Which of the ``M`` stacked entries are observed, ``(M,)`` bool.
-        matvec: :math:`v \mapsto (\Sigma_y + A V A^\top) v` on ``(B, M)`` (identity at
-            unobserved entries).
+        observed: Positions of the ``M`` observed entries among all stacked entries, ``(M,)``.
+        matvec: :math:`v \mapsto (\Sigma_y + A V A^\top) v` on ``(B, M)``.
     """
 
     x_hat: Tensor
