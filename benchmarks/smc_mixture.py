@@ -38,7 +38,7 @@ the fraction of distinct samples (resampling duplicates), wall time and NaN coun
 ``C2ST exact resampled`` calibrates the C2ST: independent exact samples given the SMC's final
 weights and resampled like it, i.e. the accuracy that the copies alone cause.
 
-Run ``nice python benchmarks/smc_mixture.py`` (about 10 minutes on 2 CPU cores) or ``--quick``
+Run ``nice python benchmarks/smc_mixture.py`` (646 s on a shared 2-core CPU) or ``--quick``
 (smaller; prints only, unless ``--output`` is given).
 """
 

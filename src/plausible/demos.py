@@ -53,6 +53,8 @@ def mixture_problem(seed: int = 0, K: int = 8, D: int = 16, noise: float = 0.3) 
 def mode_weights(x: Tensor, exact: Any) -> Tensor:
     """Fraction of samples ``x`` ``(N, D)`` assigned to each component of the exact posterior
     mixture (by largest responsibility at t = 0)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("mode_weights: the samples contain NaN or infinity")
     labels = exact.responsibilities(x.to(F64), 0.0).argmax(1)
     return torch.bincount(labels, minlength=exact.weights.numel()).to(F64) / x.shape[0]
 

@@ -210,6 +210,8 @@ class SMC:
                     flat = (idx + offsets).flatten()
                     x, x_hat, x_post = x[flat], x_hat[flat], x_post[flat]
                     log_twist = log_twist[flat]
+                    if post._u_previous is not None:  # warm starts follow their particles
+                        post._u_previous = post._u_previous[flat]
                     lw = torch.where(need[:, None], torch.full_like(lw, -math.log(N)), lw)
                     resamples += need.long()
 
