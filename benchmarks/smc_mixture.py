@@ -72,8 +72,6 @@ from plausible import (  # noqa: E402
     MMPS,
     SMC,
     GaussianMixtureDenoiser,
-    Observation,
-    ops,
     sample,
 )
 from plausible.demos import mixture_problem, mode_weights  # noqa: E402
@@ -89,22 +87,8 @@ NOISE = 0.3
 
 
 def build_problem(seed: int, K: int, D: int, M: int, noise: float = NOISE) -> dict[str, Any]:
-    """The recipe of ``plausible.demos.mixture_problem`` with ``M`` projections."""
-    g = torch.Generator().manual_seed(seed)
-    means = 2.0 * torch.randn(K, D, generator=g, dtype=F64)
-    covs = []
-    for _ in range(K):
-        L = 0.5 * torch.randn(D, D, generator=g, dtype=F64) / D**0.5
-        covs.append(L @ L.T + 0.05 * torch.eye(D, dtype=F64))
-    weights = torch.rand(K, generator=g, dtype=F64) + 0.2
-    prior = GaussianMixtureDenoiser(weights, means, torch.stack(covs))
-    A = torch.randn(M, D, generator=g, dtype=F64)
-    A = A / A.norm(dim=1, keepdim=True)
-    x_true = prior.sample(1, generator=g)[0]
-    y = A @ x_true + noise * torch.randn(M, generator=g, dtype=F64)
-    return {"prior": prior, "observation": Observation(y, ops.Matrix(A), noise),
-            "exact": prior.condition(A, y, noise**2), "x_true": x_true, "A": A,
-            "noise": noise}
+    """``plausible.demos.mixture_problem`` with ``M`` projections."""
+    return mixture_problem(seed, K=K, D=D, noise=noise, M=M)
 
 
 PROBLEMS: dict[str, dict[str, Any]] = {

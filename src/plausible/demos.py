@@ -24,8 +24,11 @@ __all__ = ["mixture_problem", "mixture_demo", "mode_weights"]
 F64 = torch.float64
 
 
-def mixture_problem(seed: int = 0, K: int = 8, D: int = 16, noise: float = 0.3) -> dict[str, Any]:
-    """The mixture oracle: prior, observation and exact posterior (a mixture)."""
+def mixture_problem(
+    seed: int = 0, K: int = 8, D: int = 16, noise: float = 0.3, M: int = 2
+) -> dict[str, Any]:
+    """The mixture oracle: a ``K``-component prior in ``D`` dimensions seen through ``M``
+    random unit-norm projections; prior, observation and exact posterior (a mixture)."""
     from . import GaussianMixtureDenoiser, Observation, ops
 
     g = torch.Generator().manual_seed(seed)
@@ -36,10 +39,10 @@ def mixture_problem(seed: int = 0, K: int = 8, D: int = 16, noise: float = 0.3) 
         covs.append(L @ L.T + 0.05 * torch.eye(D, dtype=F64))
     weights = torch.rand(K, generator=g, dtype=F64) + 0.2
     prior = GaussianMixtureDenoiser(weights, means, torch.stack(covs))
-    A = torch.randn(2, D, generator=g, dtype=F64)
+    A = torch.randn(M, D, generator=g, dtype=F64)
     A = A / A.norm(dim=1, keepdim=True)
     x_true = prior.sample(1, generator=g)[0]
-    y = A @ x_true + noise * torch.randn(2, generator=g, dtype=F64)
+    y = A @ x_true + noise * torch.randn(M, generator=g, dtype=F64)
     return {
         "prior": prior,
         "observation": Observation(y, ops.Matrix(A), noise),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TimeEmbedding", "broadcast_time"]
+__all__ = ["TimeEmbedding", "broadcast_time", "context_embedding"]
+
 
 
 def broadcast_time(t: Tensor | float, batch: int | None = None) -> Tensor:
@@ -79,3 +80,16 @@ class TimeEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"features={self.features}"
+
+
+def context_embedding(context: int | None, embedding: int) -> nn.Module | None:
+    """The MLP ``Linear-SiLU-Linear`` that maps a context vector ``(B, context)`` to the
+    embedding size ``(B, embedding)`` (added to the time embedding), or ``None`` without a
+    context."""
+    if context is None:
+        return None
+    return nn.Sequential(
+        nn.Linear(context, embedding),
+        nn.SiLU(),
+        nn.Linear(embedding, embedding),
+    )

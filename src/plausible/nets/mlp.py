@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .embedding import TimeEmbedding
+from .embedding import TimeEmbedding, context_embedding
 
 __all__ = ["ResMLP"]
 
@@ -123,14 +123,7 @@ class ResMLP(nn.Module):
         self.context_features = context
 
         self.time = TimeEmbedding(embedding)
-        if context is None:
-            self.context = None
-        else:
-            self.context = nn.Sequential(
-                nn.Linear(context, embedding),
-                nn.SiLU(),
-                nn.Linear(embedding, embedding),
-            )
+        self.context = context_embedding(context, embedding)
 
         self.input = nn.Linear(features, hidden)
         self.blocks = nn.ModuleList(ResBlock(hidden, embedding, dropout) for _ in range(blocks))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embedding import TimeEmbedding
+from .embedding import TimeEmbedding, context_embedding
 from .mlp import check_context
 
 __all__ = ["UNet"]
@@ -258,14 +258,7 @@ class UNet(nn.Module):
         self.context_features = context
 
         self.time = TimeEmbedding(embedding)
-        if context is None:
-            self.context = None
-        else:
-            self.context = nn.Sequential(
-                nn.Linear(context, embedding),
-                nn.SiLU(),
-                nn.Linear(embedding, embedding),
-            )
+        self.context = context_embedding(context, embedding)
 
         def level(c_in: int, c: int, n: int, i: int) -> Level:
             res = [
