@@ -133,6 +133,13 @@ class MMPS(ZeroShotPosterior):
             iteration count of a converged solve; measured on Gaussian problems it saved
             fewer than one iteration per call, hence off by default.
 
+    With a learned prior, cap the solve: ``maxiter=1..8`` (published runs use 1 to 5
+    iterations). The Tweedie covariance :math:`\frac{\sigma_t^2}{\alpha_t} J` multiplies the
+    network Jacobian's errors by up to :math:`1/\alpha_t` at high noise, the system can become
+    indefinite, and a converged solve then follows those errors (measured in BENCHMARKS.md:
+    variance errors of 10^3-10^4 times the Monte-Carlo floor converged, 1.3x with 8 GMRES
+    iterations). With exact priors (and tests) a converged solve is exact.
+
     Shapes: ``x_t`` ``(B, *S)``, ``t`` ``()`` or ``(B,)``; returns ``(B, *S)`` (detached: the
     output is not differentiable with respect to ``x_t``). :attr:`last_solution` holds the
     last solve's iterations and residuals.
