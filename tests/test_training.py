@@ -59,3 +59,36 @@ def test_fit_is_reproducible_under_a_seed():
         plausible.fit(prior, data, steps=20, batch_size=32, seed=7, progress=False)
         weights.append(torch.cat([p.flatten() for p in prior.parameters()]))
     assert torch.equal(weights[0], weights[1])
+
+
+def test_bf16_autocast_and_accumulation_train():
+    """bf16 autocast and gradient accumulation run and lower the loss of a small prior."""
+    torch.manual_seed(0)
+    data = torch.randn(2048, 4) * 0.5 + 1.0
+    prior = plausible.Denoiser(plausible.nets.ResMLP(features=4, hidden=32, blocks=1))
+    history = plausible.fit(prior, data, steps=200, batch_size=128, precision="bf16",
+                            accumulate=2, lr=3e-3, progress=False, log_every=1)
+    assert all(torch.isfinite(torch.tensor(history["loss"])))
+    assert sum(history["loss"][-20:]) < 0.8 * sum(history["loss"][:20])
+
+
+def test_accumulation_equals_one_big_batch():
+    """With the noise drawn for the global batch, 2 micro-batches give the same step as one."""
+    data = torch.randn(256, 3)
+    weights = []
+    for accumulate in (1, 2):
+        torch.manual_seed(1)
+        prior = plausible.Denoiser(plausible.nets.ResMLP(features=3, hidden=16, blocks=1))
+        plausible.fit(prior, data, steps=5, batch_size=64, accumulate=accumulate, ema=0.0,
+                      seed=2, progress=False)
+        weights.append(torch.cat([p.flatten() for p in prior.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains():
+    torch.manual_seed(0)
+    prior = plausible.Denoiser(plausible.nets.ResMLP(features=4, hidden=32, blocks=1))
+    history = plausible.fit(prior, torch.randn(512, 4), steps=30, batch_size=64, compile=True,
+                            progress=False)
+    assert len(history["loss"]) == 30
