@@ -34,6 +34,38 @@ from .training import fit
 
 __version__ = "0.1.0"
 
+# Modules of the later layers are imported on first use, so that ``import plausible`` stays
+# fast and a missing optional dependency of one application never breaks the others.
+_LAZY: dict[str, tuple[str, str | None]] = {
+    # name: (module, attribute or None for the module itself)
+    "tasks": ("tasks", None),
+    "diagnostics": ("diagnostics", None),
+    "plots": ("plots", None),
+    "em": ("em", None),
+    "trajectories": ("trajectories", None),
+    "amortized": ("amortized", None),
+    "TrajectoryDenoiser": ("trajectories", "TrajectoryDenoiser"),
+    "ConditionalDenoiser": ("amortized", "ConditionalDenoiser"),
+}
+
+
+def __getattr__(name: str):  # PEP 562
+    if name in _LAZY:
+        import importlib
+
+        module, attribute = _LAZY[name]
+        value = importlib.import_module(f".{module}", __name__)
+        if attribute is not None:
+            value = getattr(value, attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'plausible' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "nets",
     "ops",
@@ -64,4 +96,5 @@ __all__ = [
     "load",
     "CheckpointError",
     "data",
+    *_LAZY,
 ]

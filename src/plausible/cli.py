@@ -448,6 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output file (default: samples.safetensors; a PNG is written beside)")
     draw.add_argument("--quiet", action="store_true", help="no progress bar")
     draw.set_defaults(handler=_sample, subparser=draw)
+
+    # Each application registers its commands in its own block (handlers below).
+    # --- data: parser ---
+    # --- end data: parser ---
+    # --- sbi: parser ---
+    # --- end sbi: parser ---
+    # --- em: parser ---
+    # --- end em: parser ---
     return parser
 
 
@@ -534,6 +542,16 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     finally:
         torch.set_num_threads(threads)
     return 0
+
+
+# --- data: handlers ---
+# --- end data: handlers ---
+
+# --- sbi: handlers ---
+# --- end sbi: handlers ---
+
+# --- em: handlers ---
+# --- end em: handlers ---
 
 
 def _silence_stdout() -> None:
