@@ -56,6 +56,12 @@ def test_gaussian_denoiser_matches_closed_form(problem, kind):
         # Tweedie's formula through autograd agrees with the exact covariance
         generic = plausible.Denoiser.tweedie_cov(prior, x_t, t, v)
         torch.testing.assert_close(generic, v @ cov_t, rtol=1e-8, atol=1e-9)
+    # one time per sample (the batched solve) equals one time for the batch (the shared solve)
+    ts = torch.tensor(_time_points(), dtype=F64)
+    per_sample = prior(x_t, ts)
+    for i, t in enumerate(_time_points()):
+        torch.testing.assert_close(per_sample[i], prior(x_t[i : i + 1], t)[0], rtol=1e-10,
+                                   atol=1e-10)
 
 
 def _stacked(obs_list, shape):

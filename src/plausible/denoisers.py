@@ -423,9 +423,15 @@ class GaussianDenoiser(Denoiser):
         # Woodbury: (D_t + a2 U U^T)^-1 with D_t = a2 d + s2
         Dt = a2 * self.d + s2  # (B, D)
         w = v / Dt
-        UtDU = torch.einsum("dr,bd,ds->brs", self.U, 1 / Dt, self.U)
-        inner = UtDU + torch.eye(self.U.shape[1], dtype=v.dtype, device=v.device) / a2[..., None]
-        c = torch.linalg.solve(inner, (w @ self.U)[..., None])[..., 0]
+        eye = torch.eye(self.U.shape[1], dtype=v.dtype, device=v.device)
+        if bool((alpha == alpha[0]).all() and (sigma == sigma[0]).all()):
+            # one time for the whole batch (the samplers' case): a single r x r Cholesky
+            inner = (self.U / Dt[0, :, None]).T @ self.U + eye / a2[0]
+            c = torch.cholesky_solve((w @ self.U).T, torch.linalg.cholesky(inner)).T
+        else:
+            UtDU = torch.einsum("dr,bd,ds->brs", self.U, 1 / Dt, self.U)
+            inner = UtDU + eye / a2[..., None]
+            c = torch.linalg.solve(inner, (w @ self.U)[..., None])[..., 0]
         return w - (c @ self.U.T) / Dt
 
     def forward(self, x_t: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
