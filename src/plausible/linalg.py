@@ -151,7 +151,7 @@ def gmres(
     restart: int | None = None,
     x0: Tensor | None = None,
 ) -> Solution:
-    r"""Restarted GMRES (Arnoldi with modified Gram-Schmidt, Givens rotations) for any
+    r"""Restarted GMRES (Arnoldi with classical Gram-Schmidt applied twice, Givens rotations) for any
     non-singular :math:`K` (a learned Tweedie Jacobian is not exactly symmetric).
 
     Arguments:
@@ -198,8 +198,9 @@ def gmres(
         R = torch.zeros(B, m, m, dtype=f64, device=b.device)
         g = torch.zeros(B, m + 1, dtype=f64, device=b.device)
         g[:, 0] = rnorm
-        cs = torch.zeros(B, m, dtype=f64, device=b.device)
-        sn = torch.zeros(B, m, dtype=f64, device=b.device)
+        # the product of the Givens rotations so far, applied to each new column by one
+        # batched product (instead of a Python loop over the previous rotations)
+        Qt = torch.eye(m + 1, dtype=f64, device=b.device).expand(B, m + 1, m + 1).clone()
         k = 0
         for j in range(m):
             w, Gv = _split(matvec(V[j].to(b.dtype)))
@@ -213,19 +214,19 @@ def gmres(
             w = w - torch.einsum("bk,kbn->bn", coef, basis)
             again = torch.einsum("kbn,bn->bk", basis, w)
             w = w - torch.einsum("bk,kbn->bn", again, basis)
-            h = torch.zeros(B, j + 2, dtype=f64, device=b.device)
+            h = torch.empty(B, j + 2, dtype=f64, device=b.device)
             h[:, : j + 1] = coef + again
             h[:, j + 1] = w.norm(dim=1)
             V[j + 1] = w / torch.where(h[:, j + 1] > 0, h[:, j + 1], 1.0)[:, None]
-            for i in range(j):  # previous rotations
-                hi, hi1 = h[:, i].clone(), h[:, i + 1].clone()
-                h[:, i] = cs[:, i] * hi + sn[:, i] * hi1
-                h[:, i + 1] = -sn[:, i] * hi + cs[:, i] * hi1
+            if j > 0:  # previous rotations
+                h = torch.einsum("bik,bk->bi", Qt[:, : j + 2, : j + 2], h)
             denom = torch.sqrt(h[:, j] ** 2 + h[:, j + 1] ** 2)
             safe = denom > 0
             c = torch.where(safe, h[:, j] / torch.where(safe, denom, 1.0), 1.0)
             s = torch.where(safe, h[:, j + 1] / torch.where(safe, denom, 1.0), 0.0)
-            cs[:, j], sn[:, j] = c, s
+            q_j, q_j1 = Qt[:, j, : j + 2].clone(), Qt[:, j + 1, : j + 2].clone()
+            Qt[:, j, : j + 2] = c[:, None] * q_j + s[:, None] * q_j1
+            Qt[:, j + 1, : j + 2] = -s[:, None] * q_j + c[:, None] * q_j1
             h[:, j] = c * h[:, j] + s * h[:, j + 1]
             h[:, j + 1] = 0.0
             g_j = g[:, j].clone()
