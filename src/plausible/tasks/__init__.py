@@ -20,10 +20,16 @@ from typing import Any
 # name -> submodule that defines it. Each application adds its names in its own block.
 _NAMES: dict[str, str] = {
     # --- linear (trajectories) ---
+    "ARChain": "linear",
+    "kalman_smoother": "linear",
+    "companion_form": "linear",
     # --- end linear ---
     # --- filters ---
     # --- end filters ---
     # --- lorenz ---
+    "Lorenz63": "lorenz",
+    "Lorenz96": "lorenz",
+    "TrajectorySimulator": "lorenz",
     # --- end lorenz ---
     # --- kolmogorov ---
     # --- end kolmogorov ---
