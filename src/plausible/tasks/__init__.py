@@ -34,6 +34,9 @@ _NAMES: dict[str, str] = {
     # --- kolmogorov ---
     # --- end kolmogorov ---
     # --- sbi ---
+    "SBI_TASKS": "sbi",
+    "get_task": "sbi",
+    "sbibm_wheel": "sbi",
     # --- end sbi ---
     # --- manifold / em ---
     # --- end manifold / em ---
