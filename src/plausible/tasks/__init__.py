@@ -32,6 +32,9 @@ _NAMES: dict[str, str] = {
     "TrajectorySimulator": "lorenz",
     # --- end lorenz ---
     # --- kolmogorov ---
+    "KolmogorovFlow": "kolmogorov",
+    "vorticity_to_velocity": "kolmogorov",
+    "velocity_to_vorticity": "kolmogorov",
     # --- end kolmogorov ---
     # --- sbi ---
     "SBI_TASKS": "sbi",
