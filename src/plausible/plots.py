@@ -468,3 +468,227 @@ def coverage_curve(
     if title:
         ax.set_title(title)
     return _save(fig, path)
+
+
+# --- diagnostics plots ---
+# Calibration figures for the results of :mod:`plausible.diagnostics`:
+# :func:`coverage_plot` (HPD or marginal coverage with the calibrated band), :func:`tarp_plot`
+# (TARP expected coverage), :func:`sbc_histogram` (binned SBC ranks with the band of uniform
+# ranks) and :func:`sbc_ecdf` (rank ECDF minus the uniform CDF, simultaneous band).
+
+__all__ += ["coverage_plot", "tarp_plot", "sbc_histogram", "sbc_ecdf"]
+
+
+def _named(results: object, kind: type, default: str) -> dict[str, object]:
+    if isinstance(results, kind):
+        return {default: results}
+    if isinstance(results, Mapping) and results and all(isinstance(r, kind)
+                                                        for r in results.values()):
+        return dict(results)
+    raise TypeError(f"expected a {kind.__name__} or a non-empty mapping of names to "
+                    f"{kind.__name__} results")
+
+
+def _calibration_axes(ax: Axes, xlabel: str, ylabel: str) -> None:
+    ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
+def coverage_plot(
+    results: object,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    r"""Empirical against nominal coverage, with the band of a calibrated posterior.
+
+    Arguments:
+        results: A :class:`plausible.diagnostics.Coverage` (from ``expected_coverage`` or
+            ``marginal_coverage``), or a mapping of names to them (one line each; marginal
+            results draw one line per dimension).
+        path: Where to save the figure (optional).
+        names: Labels of the dimensions of marginal results (default ``theta[d]``).
+        title: A figure title.
+
+    Returns:
+        The figure. The grey band is the pointwise binomial band of the first result: a
+        calibrated posterior's curve stays inside it (pointwise, at its confidence).
+    """
+    from .diagnostics import Coverage
+
+    named = _named(results, Coverage, "coverage")
+    fig = _new_figure(4.4, 4.2)
+    ax = fig.subplots()
+    first = next(iter(named.values()))
+    lv = _numpy(first.levels)
+    order = np.argsort(lv)
+    ax.fill_between(lv[order], _numpy(first.lower)[order], _numpy(first.upper)[order],
+                    color="0.85", linewidth=0, label="calibrated (99% band)")
+    _calibration_axes(ax, "nominal level", "empirical coverage")
+    k = 0
+    for key, res in named.items():
+        c = _numpy(res.coverage)
+        lv = _numpy(res.levels)
+        order = np.argsort(lv)
+        curves = c[:, None] if c.ndim == 1 else c
+        for d in range(curves.shape[1]):
+            if curves.shape[1] == 1:
+                label = key
+            else:
+                dim = names[d] if names is not None and d < len(names) else f"theta[{d}]"
+                label = dim if len(named) == 1 else f"{key} {dim}"
+            ax.plot(lv[order], curves[order, d], color=_colors(k + 1)[k], linewidth=1.4,
+                    label=label)
+            k += 1
+    ax.legend(fontsize=7, loc="upper left", frameon=False)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def tarp_plot(
+    results: object,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    title: str | None = None,
+) -> Figure:
+    r"""TARP expected coverage probability against the credibility level.
+
+    Arguments:
+        results: A :class:`plausible.diagnostics.TARP`, or a mapping of names to them.
+        path: Where to save the figure (optional).
+        title: A figure title.
+
+    Returns:
+        The figure: the diagonal, the pointwise binomial band of a calibrated posterior (of
+        the first result) and one ECP curve per result, labelled with its ATC and KS p-value.
+    """
+    from .diagnostics import TARP
+
+    named = _named(results, TARP, "TARP")
+    fig = _new_figure(4.4, 4.2)
+    ax = fig.subplots()
+    first = next(iter(named.values()))
+    lv = _numpy(first.levels)
+    ax.fill_between(lv, _numpy(first.lower), _numpy(first.upper), color="0.85", linewidth=0,
+                    label="calibrated (99% band)")
+    _calibration_axes(ax, r"credibility level $\alpha$", "expected coverage")
+    for (key, res), color in zip(named.items(), _colors(len(named))):
+        ax.plot(_numpy(res.levels), _numpy(res.ecp), color=color, linewidth=1.5,
+                label=f"{key} (ATC {res.atc:+.3f}, p={res.pvalue:.2g})")
+    ax.legend(fontsize=7, loc="upper left", frameon=False)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def _sbc_dims(result: object, names: Sequence[str] | None) -> tuple[int, list[str]]:
+    from .diagnostics import SBC
+
+    if not isinstance(result, SBC):
+        raise TypeError("expected a plausible.diagnostics.SBC result")
+    D = int(result.ranks.shape[1])
+    if names is not None and len(names) != D:
+        raise ValueError(f"names must have one label per dimension ({D})")
+    return D, list(names) if names is not None else [f"theta[{d}]" for d in range(D)]
+
+
+def sbc_histogram(
+    result: object,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    confidence: float = 0.99,
+    title: str | None = None,
+) -> Figure:
+    r"""Histograms of SBC ranks, one panel per dimension (Talts et al. 2018, Fig. 1).
+
+    The grey band holds the central ``confidence`` interval of each bin's count under uniform
+    ranks (:math:`\mathrm{Binomial}(B, p_\mathrm{bin})`, pointwise); the line is its mean.
+    A U shape means over-confidence, a hump under-confidence, a slope a bias.
+
+    Arguments:
+        result: A :class:`plausible.diagnostics.SBC`.
+        path: Where to save the figure (optional).
+        names: One label per dimension.
+        confidence: Of the band.
+        title: A figure title.
+    """
+    from scipy import stats
+
+    D, labels = _sbc_dims(result, names)
+    counts = _numpy(result.counts)
+    expected = _numpy(result.expected)
+    B = int(result.ranks.shape[0])
+    p = expected / B
+    q = (1 - confidence) / 2
+    lo, hi = stats.binom.ppf(q, B, p), stats.binom.ppf(1 - q, B, p)
+    cols = min(D, 4)
+    rows = math.ceil(D / cols)
+    fig = _new_figure(2.6 * cols + 0.3, 2.1 * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    edges = np.arange(result.bins + 1)
+    for d, ax in enumerate(axes.flat):
+        if d >= D:
+            ax.set_axis_off()
+            continue
+        ax.fill_between(edges, np.append(lo, lo[-1]), np.append(hi, hi[-1]), step="post",
+                        color="0.85", linewidth=0)
+        ax.stairs(counts[:, d], edges, fill=True, color="C0", alpha=0.7)
+        ax.stairs(expected, edges, color="0.3", linewidth=1)
+        ax.set_title(f"{labels[d]} (p={float(result.pvalues[d]):.2g})", fontsize=8)
+        ax.set_xticks([0, result.bins])
+        ax.set_xticklabels(["0", str(result.num_samples)], fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("rank", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def sbc_ecdf(
+    result: object,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    confidence: float = 0.99,
+    title: str | None = None,
+) -> Figure:
+    r"""ECDF of the normalised SBC ranks minus the uniform CDF, all dimensions in one panel,
+    with the simultaneous ``confidence`` band of uniform ranks (Säilynoja et al. 2022; see
+    :func:`plausible.diagnostics.ecdf_band`).
+
+    Arguments:
+        result: A :class:`plausible.diagnostics.SBC`.
+        path: Where to save the figure (optional).
+        names: One label per dimension.
+        confidence: Of the simultaneous band.
+        title: A figure title.
+    """
+    from .diagnostics import ecdf_band
+
+    D, labels = _sbc_dims(result, names)
+    B = int(result.ranks.shape[0])
+    z, lo, hi = (_numpy(a) for a in ecdf_band(B, 101, confidence))
+    u = (_numpy(result.ranks) + 0.5) / (result.num_samples + 1)
+    fig = _new_figure(4.8, 3.4)
+    ax = fig.subplots()
+    ax.fill_between(z, lo - z, hi - z, color="0.85", linewidth=0,
+                    label=f"uniform ({confidence:.0%} simultaneous)")
+    ax.axhline(0.0, color="0.5", linestyle="--", linewidth=1)
+    for d, color in zip(range(D), _colors(D)):
+        ecdf = np.searchsorted(np.sort(u[:, d]), z, side="right") / B
+        ax.plot(z, ecdf - z, color=color, linewidth=1.3, label=labels[d])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("normalised rank")
+    ax.set_ylabel("ECDF - uniform")
+    ax.legend(fontsize=7, loc="best", frameon=False)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+# --- end diagnostics plots ---
