@@ -25,6 +25,12 @@ _NAMES: dict[str, str] = {
     "companion_form": "linear",
     # --- end linear ---
     # --- filters ---
+    "particle_filter": "filters",
+    "particle_smoother": "filters",
+    "backward_simulation": "filters",
+    "ensemble_kalman_smoother": "filters",
+    "ParticleFilterResult": "filters",
+    "EnsembleSmootherResult": "filters",
     # --- end filters ---
     # --- lorenz ---
     "Lorenz63": "lorenz",
@@ -42,6 +48,10 @@ _NAMES: dict[str, str] = {
     "sbibm_wheel": "sbi",
     # --- end sbi ---
     # --- manifold / em ---
+    "Manifold": "manifold",
+    "random_projections": "manifold",
+    "manifold_problem": "manifold",
+    "ManifoldProblem": "manifold",
     # --- end manifold / em ---
 }
 
