@@ -451,10 +451,64 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Each application registers its commands in its own block (handlers below).
     # --- data: parser ---
+    data = commands.add_parser(
+        "data",
+        help="simulate a training set of trajectories into a zarr store",
+        description="Simulate trajectories of a built-in dynamical system and write them to a "
+                    "zarr store (group with the array 'x' of shape (N, L, *S), float32 by "
+                    "default, and attributes describing the simulator), ready for "
+                    "plausible.data.Windows. lorenz63 is SDA's noisy Lorenz-63, standardised "
+                    "as SDA; lorenz96 is Lorenz-96 (40 variables, F = 8, dt = 0.05), in "
+                    "physical units; kolmogorov is the 2-D Kolmogorov flow (vorticity).",
+    )
+    data.add_argument("system", choices=sorted(_DATA_SYSTEMS), metavar="SYSTEM",
+                      help="one of: " + ", ".join(sorted(_DATA_SYSTEMS)))
+    data.add_argument("--out", metavar="PATH.zarr", required=True,
+                      help="the zarr store to write (a path ending in .zarr)")
+    data.add_argument("--trajectories", metavar="N", type=_int_at_least(1), default=None,
+                      help="number of trajectories (default: per system, see below)")
+    data.add_argument("--length", metavar="L", type=_int_at_least(1), default=None,
+                      help="states per trajectory (default: per system)")
+    data.add_argument("--burn-in", metavar="B", type=_int_at_least(0), default=None,
+                      help="states discarded first, to reach the attractor (default: per "
+                           "system)")
+    data.add_argument("--batch", metavar="K", type=_int_at_least(1), default=None,
+                      help="trajectories simulated at once, written as they are done "
+                           "(default: per system)")
+    data.add_argument("--seed", metavar="K", type=int, default=0,
+                      help="random seed (default: 0)")
+    data.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                      help="dtype of the stored array (default: float32)")
+    data.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    data.add_argument("--quiet", action="store_true", help="no progress bar")
+    data.epilog = "defaults: " + "; ".join(
+        f"{name}: N={spec['trajectories']}, L={spec['length']}, burn-in={spec['burn_in']}"
+        for name, spec in sorted(_DATA_SYSTEMS.items()))
+    data.set_defaults(handler=_data, subparser=data)
     # --- end data: parser ---
     # --- sbi: parser ---
     # --- end sbi: parser ---
     # --- em: parser ---
+    em_cmd = commands.add_parser(
+        "em",
+        help="learn a prior from observations only (empirical Bayes by EM)",
+        description="Learn a diffusion prior from noisy observations only, by expectation-"
+                    "maximisation (Rozet et al. 2024): lap 0 fits a Gaussian prior in closed "
+                    "form, each lap draws one MMPS posterior sample per observation and keeps "
+                    "training the network on them. The TOML/YAML configuration has [model] (as "
+                    "'plausible train'), [observations] (path of a file written by "
+                    "plausible.em.Observations.save), [em] (out, laps, seed, "
+                    "gaussian_iterations, gaussian_rank), [sampling] and [training]; see "
+                    "docs/em.md. Per-lap checkpoints go to em.out; run it again with --resume "
+                    "after an interruption.",
+    )
+    em_cmd.add_argument("config", metavar="CONFIG", help="a .toml, .yaml or .yml file")
+    em_cmd.add_argument("--resume", action="store_true",
+                        help="continue from the last completed lap in em.out")
+    em_cmd.add_argument("--check", action="store_true",
+                        help="only validate the configuration and exit")
+    em_cmd.add_argument("--quiet", action="store_true", help="no progress bars")
+    em_cmd.set_defaults(handler=_em, subparser=em_cmd)
     # --- end em: parser ---
     return parser
 
@@ -545,12 +599,170 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 # --- data: handlers ---
+class DataError(RuntimeError):
+    """``plausible data`` could not run (reported without a traceback)."""
+
+
+def _lorenz63() -> Any:
+    from .tasks.lorenz import Lorenz63
+
+    return Lorenz63()
+
+
+def _lorenz96() -> Any:
+    from .tasks.lorenz import Lorenz96
+
+    return Lorenz96()
+
+
+def _kolmogorov() -> Any:
+    try:
+        from .tasks.kolmogorov import KolmogorovFlow
+    except ImportError as error:
+        raise DataError(f"the Kolmogorov simulator (plausible.tasks.kolmogorov) is not "
+                        f"available in this installation: {error}") from error
+    return KolmogorovFlow()
+
+
+# name -> simulator factory and defaults (SDA's sizes for Lorenz-63; Kolmogorov is small by
+# default because it is costly on a CPU)
+_DATA_SYSTEMS: dict[str, dict[str, Any]] = {
+    "lorenz63": {"make": _lorenz63, "trajectories": 1024, "length": 1024, "burn_in": 1024,
+                 "batch": 1024, "standardize": True},
+    "lorenz96": {"make": _lorenz96, "trajectories": 1024, "length": 1024, "burn_in": 1024,
+                 "batch": 1024, "standardize": False},
+    "kolmogorov": {"make": _kolmogorov, "trajectories": 16, "length": 64, "burn_in": 64,
+                   "batch": 4, "standardize": False},
+}
+
+
+def _data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    spec = _DATA_SYSTEMS[args.system]
+    out = Path(args.out)
+    if out.suffix != ".zarr":
+        parser.error(f"--out must be a path ending in .zarr, got {str(out)!r}")
+    if out.exists() and not args.overwrite:
+        print(f"plausible data: error: {out} already exists (pass --overwrite to replace it)",
+              file=sys.stderr)
+        return 1
+    n = args.trajectories if args.trajectories is not None else spec["trajectories"]
+    length = args.length if args.length is not None else spec["length"]
+    burn_in = args.burn_in if args.burn_in is not None else spec["burn_in"]
+    batch = min(n, args.batch if args.batch is not None else spec["batch"])
+    dtype = torch.float32 if args.dtype == "float32" else torch.float64
+    try:
+        simulator = spec["make"]()
+    except DataError as error:
+        print(f"plausible data: error: {error}", file=sys.stderr)
+        return 1
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"plausible data: error: cannot create {str(out.parent)!r}: {error}",
+              file=sys.stderr)
+        return 1
+
+    import zarr
+    from tqdm.auto import tqdm
+
+    from .data import write_zarr
+
+    state_shape = tuple(int(s) for s in simulator.state_shape)
+    generator = torch.Generator().manual_seed(args.seed)
+    flush = torch.is_flush_denormal() if hasattr(torch, "is_flush_denormal") else False
+    torch.set_flush_denormal(True)
+    start = time.perf_counter()
+    bar = tqdm(total=n, desc=f"{args.system} trajectories", unit="traj",
+               disable=args.quiet or batch == n, leave=False)
+    try:
+        done = 0
+        while done < n:
+            k = min(batch, n - done)
+            x = simulator.trajectories(k, length, burn_in=burn_in, generator=generator,
+                                       progress=not args.quiet)
+            if spec["standardize"]:
+                x = simulator.standardize(x.to(torch.float64))
+            x = x.to(dtype)
+            if not bool(torch.isfinite(x).all()):
+                raise FloatingPointError(f"the {args.system} simulation produced NaN or "
+                                         "infinity")
+            if done == 0:
+                write_zarr(out, {"x": x}, overwrite=True)
+                array = zarr.open_group(str(out), mode="r+")["x"]
+            else:
+                array.append(x.numpy(), axis=0)
+            done += k
+            bar.update(k)
+    except (FloatingPointError, ValueError, OSError) as error:
+        print(f"plausible data: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+        torch.set_flush_denormal(flush)
+    config = getattr(simulator, "config", None)
+    config = dict((config() if callable(config) else config) or {})
+    config = json.loads(json.dumps({"simulator": type(simulator).__name__, **config},
+                                   default=str))
+    attrs = {
+        "system": args.system,
+        "simulator": config,
+        "dt": float(simulator.dt),
+        "state_shape": list(state_shape),
+        "trajectories": n,
+        "length": length,
+        "burn_in": burn_in,
+        "batch": batch,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "standardized": bool(spec["standardize"]),
+        "layout": "x[i, t] is state t of trajectory i: (N, L, *state_shape)",
+        "plausible": _version(),
+    }
+    if spec["standardize"]:
+        attrs["standardization"] = {"mean": list(simulator.MEAN), "std": list(simulator.STD),
+                                    "formula": "(x - mean) / std"}
+    group = zarr.open_group(str(out), mode="r+")
+    group.attrs.update(attrs)
+    group["x"].attrs.update(attrs)
+    elapsed = time.perf_counter() - start
+    print(f"wrote {out}: x {(n, length, *state_shape)} {args.dtype} "
+          f"({'standardised' if spec['standardize'] else 'physical units'}) in {elapsed:.1f} s")
+    return 0
 # --- end data: handlers ---
 
 # --- sbi: handlers ---
 # --- end sbi: handlers ---
 
 # --- em: handlers ---
+def _em(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .config import ConfigError
+    from .em import read_em_config, run_config
+
+    try:
+        config = read_em_config(args.config)
+    except ConfigError as error:
+        print(f"plausible em: error: {error}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: valid")
+        return 0
+    try:
+        result = run_config(config, resume=args.resume, progress=not args.quiet)
+    except (ConfigError, CheckpointError) as error:
+        print(f"plausible em: error: {error}", file=sys.stderr)
+        return 1
+    for record in result.laps:
+        if record["lap"] == 0:
+            ll = record.get("log_likelihood") or [float("nan")]
+            print(f"lap 0: Gaussian prior, log-likelihood {ll[-1]:.4f} per observation")
+        else:
+            loss = record.get("loss")
+            print(f"lap {record['lap']}: training loss "
+                  + (f"{loss:.4f}" if loss is not None else "-"))
+    print(f"prior after lap {config.em.laps} in {Path(config.em.out) / f'lap-{config.em.laps:04d}'}"
+          f"/model (plausible sample works on it); metrics in "
+          f"{Path(config.em.out) / 'metrics.jsonl'}")
+    return 0
 # --- end em: handlers ---
 
 
