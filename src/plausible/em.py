@@ -98,6 +98,10 @@ __all__ = [
     "SamplingOptions",
     "EMResult",
     "fit",
+    "EMConfig",
+    "parse_em_config",
+    "read_em_config",
+    "run_config",
 ]
 
 Index = int | slice | Sequence[int] | Tensor
@@ -1352,3 +1356,216 @@ def _json_safe(obj: Any) -> Any:
         if isinstance(obj, (list, tuple)):
             return [_json_safe(v) for v in obj]
         return repr(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration files (``plausible em CONFIG``)
+
+
+@dataclass
+class ObservationsConfig:
+    """``[observations]``: the file written by :meth:`Observations.save`."""
+
+    path: str
+
+
+@dataclass
+class EMSection:
+    """``[em]``: the run folder, the laps and the Gaussian initialisation."""
+
+    out: str
+    laps: int = 8
+    seed: int = 0
+    gaussian_iterations: int = 32
+    gaussian_rank: int | str | None = "auto"
+    keep_samples: bool = False
+
+
+@dataclass
+class SamplingConfig:
+    """``[sampling]``: :class:`SamplingOptions`."""
+
+    steps: int = 64
+    sampler: str = "ddpm"
+    maxiter: int | None = 3
+    tol: float = 1e-6
+    solver: str = "gmres"
+    batch_size: int = 256
+    grid: str = "uniform"
+
+
+@dataclass
+class EMTrainingConfig:
+    """``[training]``: the arguments of :func:`plausible.fit` for each lap."""
+
+    steps: int = 10_000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int | None = None
+    decay: str = "cosine"
+    ema: float = 0.999
+    clip: float | None = 1.0
+    accumulate: int = 1
+    precision: str = "fp32"
+    compile: bool = False
+    checkpoint_every: int = 1000
+    keep: int = 1
+    device: str | None = None
+    t_distribution: str = "uniform"
+    weighting: str = "edm"
+
+
+@dataclass
+class EMConfig:
+    """A whole ``plausible em`` configuration: ``[model]`` (as ``plausible train``),
+    ``[observations]``, ``[em]``, ``[sampling]``, ``[training]``.
+
+    Example (TOML)::
+
+        [model]
+        backbone = "ResMLP"
+        backbone_args = { features = 5, hidden = 256, blocks = 3 }
+        shape = [5]
+
+        [observations]
+        path = "observations.safetensors"   # or .zarr (em.Observations.save)
+
+        [em]
+        out = "run/"
+        laps = 8
+
+        [sampling]
+        steps = 64
+        maxiter = 3
+
+        [training]
+        steps = 4000
+        batch_size = 256
+    """
+
+    model: Any
+    observations: ObservationsConfig
+    em: EMSection
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    training: EMTrainingConfig = field(default_factory=EMTrainingConfig)
+
+
+_SECTIONS = {"model": None, "observations": ObservationsConfig, "em": EMSection,
+             "sampling": SamplingConfig, "training": EMTrainingConfig}
+
+
+def parse_em_config(raw: dict) -> EMConfig:
+    """Validates a mapping (as read from TOML/YAML) into an :class:`EMConfig`.
+
+    Raises:
+        plausible.config.ConfigError: Naming the first unknown, missing or mistyped field.
+    """
+    from .config import ConfigError, ModelConfig, _build, parse_config
+
+    if not isinstance(raw, dict):
+        raise ConfigError("an EM configuration must be a mapping with [model], [observations], "
+                          "[em] (and optionally [sampling], [training])")
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]} (expected {', '.join(_SECTIONS)})")
+    for section in ("model", "observations", "em"):
+        if section not in raw:
+            raise ConfigError(f"missing section [{section}]")
+    # [model] is checked as `plausible train` checks it (backbone, arguments, schedule)
+    parse_config({"model": raw["model"], "data": {"path": "-"}, "training": {"out": "-"}})
+    config = EMConfig(
+        model=_build(ModelConfig, raw["model"], "model"),
+        observations=_build(ObservationsConfig, raw["observations"], "observations"),
+        em=_build(EMSection, raw["em"], "em"),
+        sampling=_build(SamplingConfig, raw.get("sampling", {}), "sampling"),
+        training=_build(EMTrainingConfig, raw.get("training", {}), "training"),
+    )
+    e, s, t = config.em, config.sampling, config.training
+    if e.laps < 0 or e.gaussian_iterations < 0:
+        raise ConfigError("fields em.laps and em.gaussian_iterations must be non-negative")
+    rank = e.gaussian_rank
+    if not (rank is None or rank in ("auto", "dense") or (isinstance(rank, int) and rank > 0)):
+        raise ConfigError(f"field em.gaussian_rank must be 'auto', 'dense' or a positive "
+                          f"integer, got {rank!r}")
+    from .sampling import SAMPLERS
+
+    for name, value, allowed in (("sampling.sampler", s.sampler, SAMPLERS),
+                                 ("sampling.solver", s.solver, ("gmres", "cg")),
+                                 ("sampling.grid", s.grid, ("uniform", "logsnr", "karras")),
+                                 ("training.decay", t.decay, ("cosine", "linear", "constant")),
+                                 ("training.precision", t.precision, ("fp32", "bf16")),
+                                 ("training.t_distribution", t.t_distribution,
+                                  ("uniform", "lognormal")),
+                                 ("training.weighting", t.weighting, ("edm", "none"))):
+        if value not in allowed:
+            raise ConfigError(f"field {name} must be one of {tuple(allowed)}, got {value!r}")
+    for name, value in (("sampling.steps", s.steps), ("sampling.batch_size", s.batch_size),
+                        ("training.steps", t.steps), ("training.batch_size", t.batch_size),
+                        ("training.accumulate", t.accumulate),
+                        ("training.checkpoint_every", t.checkpoint_every)):
+        if value < 1:
+            raise ConfigError(f"field {name} must be positive")
+    if s.maxiter is not None and s.maxiter < 0:
+        raise ConfigError("field sampling.maxiter must be non-negative")
+    return config
+
+
+def read_em_config(path: str | os.PathLike) -> EMConfig:
+    """Reads and validates a ``.toml``, ``.yaml`` or ``.yml`` EM configuration."""
+    import tomllib
+
+    from .config import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no configuration file at {path}")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    else:
+        raise ConfigError(f"{path}: expected a .toml, .yaml or .yml file")
+    return parse_em_config(raw)
+
+
+def run_config(config: EMConfig, resume: bool = False, progress: bool = True,
+               base: str | os.PathLike | None = None) -> EMResult:
+    """Runs :func:`fit` as ``config`` describes. Relative paths are taken from ``base``
+    (the configuration file's folder) when given."""
+    from .config import ConfigError, build_prior
+
+    def where(p: str) -> Path:
+        path = Path(p)
+        return path if path.is_absolute() or base is None else Path(base) / path
+
+    model = config.model
+    if model.shape is None:
+        if model.backbone == "ResMLP" and "features" in model.backbone_args:
+            model.shape = [int(model.backbone_args["features"])]
+        else:
+            raise ConfigError("field model.shape is required for this backbone")
+    prior = build_prior(model)
+    try:
+        observations = Observations.load(where(config.observations.path))
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"field observations.path: {error}") from None
+    t = asdict(config.training)
+    device = t.pop("device")
+    if device is not None:
+        prior.to(device)
+    return fit(prior, observations, config.em.laps,
+               gaussian_iterations=config.em.gaussian_iterations,
+               gaussian_rank=config.em.gaussian_rank,
+               sampling=asdict(config.sampling), training=t, out=where(config.em.out),
+               resume=resume, keep_samples=config.em.keep_samples, seed=config.em.seed,
+               progress=progress)
