@@ -30,6 +30,16 @@ from plausible.tasks.mnist import (
 )
 from plausible.tasks.mri import kspace_masks, load_mni_slices, observe, psnr, ssim, zero_filled
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # small tensor operations slow down by 10x or more with 2 threads on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------------------------
 # restricted unpickler and MNIST loading
 
@@ -405,3 +415,64 @@ def test_real_mni_volume_and_slices():
     x, index = load_mni_slices(64, axis=2)
     assert x.shape[1:] == (1, 64, 64) and 100 <= x.shape[0] <= 189
     assert (index[1:] > index[:-1]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# the lap-0 Gaussian of MRI: EM in the real Fourier basis
+
+
+def test_real_fourier_is_orthogonal():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 6, generator=g, dtype=torch.float64)
+    c = mri.real_fourier(x)
+    torch.testing.assert_close(c.norm(dim=1), x.flatten(1).norm(dim=1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(mri.real_fourier_inverse(c, 8, 6), x, rtol=0, atol=1e-12)
+    basis = mri.real_fourier_inverse(torch.eye(48, dtype=torch.float64), 8, 6).reshape(48, 48)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(48, dtype=torch.float64), rtol=0,
+                               atol=1e-12)
+
+
+def test_fourier_gaussian_posterior_and_evidence_are_exact():
+    from plausible.denoisers import gaussian_condition
+
+    H = W = 8
+    D = H * W
+    g = torch.Generator().manual_seed(1)
+    fg = mri.FourierGaussian(torch.randn(D, generator=g, dtype=torch.float64),
+                             torch.rand(D, generator=g, dtype=torch.float64) + 0.1, (1, H, W))
+    den = fg.denoiser()
+    masks = torch.cat([kspace_masks(2, H, 2.0, 0.25, "points", g),
+                       kspace_masks(2, H, 3.0, 0.25, "lines", g)])
+    x = den.sample(4, generator=g)
+    y = observe(x, masks, 0.1, g)
+    mean = fg.posterior_mean(y, masks, 0.1)
+    log_ev = fg.log_likelihood(y, masks, 0.1)
+    for i in range(4):
+        A = FourierMask(masks[i]).matrix((1, H, W))
+        o = masks[i][..., None].expand(H, W, 2).flatten()
+        m, _, ev = gaussian_condition(den.mean, den.covariance, A[o], y[i].flatten()[o], 0.01)
+        torch.testing.assert_close(mean[i].flatten(), m, rtol=0, atol=1e-7)
+        assert float(log_ev[i]) == pytest.approx(float(ev), abs=1e-6)
+
+
+def test_fourier_gaussian_em_recovers_the_prior():
+    H = W = 8
+    D, N, noise = H * W, 4000, 0.1
+    g = torch.Generator().manual_seed(2)
+    true = mri.FourierGaussian(torch.randn(D, generator=g, dtype=torch.float64),
+                               torch.rand(D, generator=g, dtype=torch.float64) + 0.2, (1, H, W))
+    c = true.mean + true.var.sqrt() * torch.randn(N, D, generator=g, dtype=torch.float64)
+    x = mri.real_fourier_inverse(c, H, W)[:, None]
+    masks = kspace_masks(N, H, 2.0, 0.25, "points", g)
+    y = observe(x, masks, noise, g)
+    fitted, history = mri.fourier_gaussian_em(y, masks, noise, iterations=100)
+    # EM never decreases the evidence
+    assert all(b >= a - 1e-9 for a, b in zip(history, history[1:]))
+    # the maximum-likelihood estimates are within their sampling errors of the truth
+    _, var = mri._fourier_looks(y, masks, noise)
+    seen = torch.isfinite(var).sum(0).double()
+    z_mu = (fitted.mean - true.mean) / ((true.var + 2 * noise**2) / seen).sqrt()
+    z_var = (fitted.var / true.var - 1) / (2 / seen).sqrt() / (1 + 2 * noise**2 / true.var)
+    assert z_mu.abs().max() < 5 and z_var.abs().max() < 5
+    with pytest.raises(ValueError, match="even"):
+        mri.fourier_gaussian_em(y[:, :, :7, :7], masks[:, :7, :7], noise)

@@ -26,6 +26,7 @@ centre and random lines or points elsewhere, 4-6x acceleration), applied with
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -35,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..observations import FourierMask
+from ..denoisers import GaussianDenoiser
+from ..schedules import Schedule
 from .mnist import WheelNotFoundError, default_cache
 
 __all__ = [
@@ -45,6 +47,10 @@ __all__ = [
     "heldout_slices",
     "kspace_masks",
     "observe",
+    "real_fourier",
+    "real_fourier_inverse",
+    "FourierGaussian",
+    "fourier_gaussian_em",
     "zero_filled",
     "psnr",
     "ssim",
@@ -246,27 +252,27 @@ def kspace_masks(
     freqs = torch.fft.fftfreq(size).abs()  # |frequency| of each FFT index
     centre_1d = freqs.argsort(stable=True)[:c]
     R = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
-    masks = torch.zeros(n, size, size, dtype=torch.bool)
     if kind == "lines":
-        line = torch.zeros(size, dtype=torch.bool)
-        line[centre_1d] = True
-        others = (~line).nonzero().squeeze(1)
-        for i in range(n):
-            total = max(c, min(size, round(size / float(R[i]))))
-            pick = others[torch.randperm(others.numel(), generator=generator)[:total - c]]
-            columns = line.clone()
-            columns[pick] = True
-            masks[i, :, columns] = True
+        centre = torch.zeros(size, dtype=torch.bool)
+        centre[centre_1d] = True
+        fixed, count = c, size
+        total = (size / R).round().clamp(min=c, max=size).long()
     else:
         centre = torch.zeros(size, size, dtype=torch.bool)
         centre[centre_1d[:, None], centre_1d[None, :]] = True
-        others = (~centre.flatten()).nonzero().squeeze(1)
-        for i in range(n):
-            total = max(c * c, min(size * size, round(size * size / float(R[i]))))
-            pick = others[torch.randperm(others.numel(), generator=generator)[:total - c * c]]
-            flat = centre.flatten().clone()
-            flat[pick] = True
-            masks[i] = flat.reshape(size, size)
+        centre = centre.flatten()
+        fixed, count = c * c, size * size
+        total = (size * size / R).round().clamp(min=c * c, max=size * size).long()
+    others = (~centre).nonzero().squeeze(1)
+    # a uniformly random subset of (total - fixed) of the other frequencies, per item
+    ranks = torch.rand(n, others.numel(), generator=generator).argsort(1).argsort(1)
+    chosen = torch.zeros(n, count, dtype=torch.bool)
+    chosen[:, others] = ranks < (total - fixed)[:, None]
+    chosen |= centre
+    if kind == "lines":
+        masks = chosen[:, None, :].expand(n, size, size).clone()
+    else:
+        masks = chosen.reshape(n, size, size)
     return masks
 
 
@@ -292,6 +298,220 @@ def zero_filled(y: Tensor, masks: Tensor) -> Tensor:
     m = masks.reshape(masks.shape[0], *([1] * (y.dim() - 4)), *masks.shape[1:], 1)
     k = torch.view_as_complex((y * m.to(y.dtype)).contiguous())
     return torch.fft.ifftn(k, dim=(-2, -1), norm="ortho").real
+
+
+# ---------------------------------------------------------------------------------------------
+# the lap-0 Gaussian of accelerated MRI: EM in the real Fourier basis
+
+
+def _fourier_index(H: int, W: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rep, selfconj, conj)`` over the FFT grid ``(H, W)``: the representative of each pair
+    ``{k, -k}`` (the smaller flat index), the self-conjugate frequencies (``k = -k``), and the
+    flat index of ``-k``."""
+    a = torch.arange(H)[:, None].expand(H, W)
+    b = torch.arange(W)[None, :].expand(H, W)
+    flat = (a * W + b).flatten()
+    conj = (((-a) % H) * W + ((-b) % W)).flatten()
+    return flat <= conj, flat == conj, conj
+
+
+def real_fourier(x: Tensor) -> Tensor:
+    r"""Coordinates of real images ``x`` ``(B, H, W)`` in the real orthonormal Fourier basis,
+    ``(B, H W)``: with :math:`X = \mathcal{F} x` (orthonormal FFT), for each pair of
+    frequencies :math:`\{k, -k\}`, :math:`k \ne -k`, the two coordinates :math:`\sqrt{2}
+    \operatorname{Re} X_k` and :math:`\sqrt{2} \operatorname{Im} X_k`, and for each
+    self-conjugate frequency (:math:`k = -k`) :math:`X_k` (real). Order: the real parts of the
+    pairs, their imaginary parts, then the self-conjugate frequencies (flat FFT order within
+    each). The map is orthogonal: :func:`real_fourier_inverse` is its transpose and inverse."""
+    if x.dim() != 3:
+        raise ValueError(f"expected real images (B, H, W), got {tuple(x.shape)}")
+    B, H, W = x.shape
+    rep, selfconj, _ = _fourier_index(H, W)
+    X = torch.fft.fft2(x, norm="ortho").reshape(B, H * W)
+    pairs = rep & ~selfconj
+    return torch.cat([math.sqrt(2) * X.real[:, pairs], math.sqrt(2) * X.imag[:, pairs],
+                      X.real[:, selfconj]], dim=1)
+
+
+def real_fourier_inverse(c: Tensor, H: int, W: int) -> Tensor:
+    """Images ``(B, H, W)`` of coordinates ``c`` ``(B, H W)`` (the inverse of
+    :func:`real_fourier`)."""
+    if c.dim() != 2 or c.shape[1] != H * W:
+        raise ValueError(f"expected coordinates (B, {H * W}), got {tuple(c.shape)}")
+    rep, selfconj, conj = _fourier_index(H, W)
+    pairs = rep & ~selfconj
+    P = int(pairs.sum())
+    dtype = torch.complex128 if c.dtype == torch.float64 else torch.complex64
+    X = torch.zeros(c.shape[0], H * W, dtype=dtype, device=c.device)
+    half = torch.complex(c[:, :P], c[:, P:2 * P]) / math.sqrt(2)
+    X[:, pairs] = half
+    X[:, conj[pairs]] = half.conj()
+    X[:, selfconj] = c[:, 2 * P:].to(dtype)
+    return torch.fft.ifft2(X.reshape(-1, H, W), norm="ortho").real
+
+
+def _fourier_looks(y: Tensor, masks: Tensor, noise: float) -> tuple[Tensor, Tensor]:
+    r"""The looks of k-space observations at each real Fourier coordinate: ``(z, var)``, each
+    ``(N, H W)``, where ``z`` is the mean of the looks (``NaN``-free: 0 where none) and ``var``
+    its noise variance (``inf`` where unobserved). A pair :math:`\{k, -k\}` is seen once per
+    observed frequency of the pair, with noise variance :math:`2 \sigma_y^2` per look in the
+    orthonormal coordinates; a self-conjugate frequency with :math:`\sigma_y^2`."""
+    N, H, W = masks.shape
+    rep, selfconj, conj = _fourier_index(H, W)
+    pairs = rep & ~selfconj
+    m = masks.reshape(N, H * W).to(torch.float64)
+    yr = y[..., 0].reshape(N, H * W).to(torch.float64) * m
+    yi = y[..., 1].reshape(N, H * W).to(torch.float64) * m
+    n_pair = m[:, pairs] + m[:, conj[pairs]]
+    s2 = math.sqrt(2)
+    z_re = s2 * (yr[:, pairs] + yr[:, conj[pairs]])
+    z_im = s2 * (yi[:, pairs] - yi[:, conj[pairs]])
+    n = torch.cat([n_pair, n_pair, m[:, selfconj]], dim=1)
+    z = torch.cat([z_re, z_im, yr[:, selfconj]], dim=1) / n.clamp(min=1)
+    unit = torch.cat([torch.full((2 * int(pairs.sum()),), 2.0), torch.ones(int(selfconj.sum()))])
+    var = torch.where(n > 0, unit * noise**2 / n.clamp(min=1), torch.inf)
+    return z, var
+
+
+def _noise_log_density(y: Tensor, masks: Tensor, noise: float) -> Tensor:
+    r"""The part of :math:`\log p(y_i)` that does not depend on the prior, ``(N,)``: two looks
+    at a coordinate differ by pure noise (variance :math:`4 \sigma_y^2` in orthonormal units),
+    self-conjugate frequencies have a pure-noise imaginary part, and each look at a pair is
+    :math:`\sqrt{2}` times an entry of ``y`` (Jacobian :math:`\log \sqrt{2}`)."""
+    N, H, W = masks.shape
+    rep, selfconj, conj = _fourier_index(H, W)
+    pairs = rep & ~selfconj
+    m = masks.reshape(N, H * W).to(torch.float64)
+    yr = y[..., 0].reshape(N, H * W).to(torch.float64) * m
+    yi = y[..., 1].reshape(N, H * W).to(torch.float64) * m
+    both = m[:, pairs] * m[:, conj[pairs]]
+    d_re = math.sqrt(2) * (yr[:, pairs] - yr[:, conj[pairs]])
+    d_im = math.sqrt(2) * (yi[:, pairs] + yi[:, conj[pairs]])
+    v4 = 4 * noise**2
+    out = -0.5 * (both * (d_re**2 / v4 + d_im**2 / v4 + 2 * math.log(2 * math.pi * v4))).sum(1)
+    looks = 2 * (m[:, pairs] + m[:, conj[pairs]]).sum(1)
+    out = out + looks * 0.5 * math.log(2)
+    ms = m[:, selfconj]
+    out = out - 0.5 * (ms * (yi[:, selfconj] ** 2 / noise**2
+                             + math.log(2 * math.pi * noise**2))).sum(1)
+    return out
+
+
+class FourierGaussian:
+    r"""A Gaussian prior :math:`x \sim \mathcal{N}(m, \Phi^\top \mathrm{diag}(p) \Phi)` on
+    ``(1, H, W)`` images, with :math:`\Phi` the real orthonormal Fourier basis of
+    :func:`real_fourier`: a free mean image and a covariance that is diagonal in the Fourier
+    basis (stationary, up to the real and imaginary parts' own variances). Under k-space
+    observations both the posterior and the evidence are closed-form, coordinate by coordinate.
+
+    Attributes:
+        mean: Coordinates :math:`\Phi m`, ``(D,)``. var: Variances :math:`p`, ``(D,)``.
+        shape: ``(1, H, W)``.
+    """
+
+    def __init__(self, mean: Tensor, var: Tensor, shape: tuple[int, int, int]) -> None:
+        D = math.prod(shape)
+        if mean.shape != (D,) or var.shape != (D,) or not (var > 0).all():
+            raise ValueError(f"expected mean and positive variances of shape ({D},)")
+        self.mean, self.var, self.shape = mean.double(), var.double(), tuple(shape)
+
+    def posterior_mean(self, y: Tensor, masks: Tensor, noise: float) -> Tensor:
+        r"""Exact posterior means :math:`\mathbb{E}[x_i \mid y_i]` of k-space observations ``y``
+        ``(N, 1, H, W, 2)`` with masks ``(N, H, W)`` and noise std ``noise``; ``(N, 1, H,
+        W)`` float64 (the Gaussian-prior reconstruction)."""
+        z, var = _fourier_looks(y, masks, noise)
+        gain = self.var / (self.var + var)  # 0 where unobserved
+        c = self.mean + gain * torch.where(torch.isfinite(var), z - self.mean, 0.0)
+        return real_fourier_inverse(c, *self.shape[1:])[:, None]
+
+    def log_likelihood(self, y: Tensor, masks: Tensor, noise: float) -> Tensor:
+        r"""The exact log-evidence :math:`\log p(y_i) = \log \mathcal{N}(y_{i,o}; A_i m,
+        A_i C A_i^\top + \sigma_y^2 I)` over the observed entries :math:`o` (real and
+        imaginary parts of the sampled frequencies), ``(N,)`` float64: the evidence of the
+        looks (:func:`_fourier_looks`) plus the pure-noise part of ``y`` (the differences of
+        two looks at one coordinate, the imaginary parts of self-conjugate frequencies) and the
+        Jacobian of the change of variables."""
+        z, var = _fourier_looks(y, masks, noise)
+        return self._looks_log_likelihood(z, var) + _noise_log_density(y, masks, noise)
+
+    def _looks_log_likelihood(self, z: Tensor, var: Tensor) -> Tensor:
+        seen = torch.isfinite(var)
+        s = torch.where(seen, self.var + var, 1.0)
+        r = torch.where(seen, z - self.mean, 0.0)
+        return -0.5 * torch.where(seen, r**2 / s + torch.log(2 * math.pi * s), 0.0).sum(1)
+
+    def denoiser(self, schedule: Schedule | None = None) -> GaussianDenoiser:
+        """The prior as a dense :class:`~plausible.GaussianDenoiser` (for MMPS and
+        :func:`plausible.em.fit`'s ``gaussian=``; a ``D x D`` covariance, one eigendecomposition
+        of it at construction)."""
+        _, H, W = self.shape
+        D = H * W
+        basis = real_fourier_inverse(torch.eye(D, dtype=torch.float64), H, W).reshape(D, D)
+        cov = (basis.T * self.var) @ basis  # basis rows are the basis images
+        cov = (cov + cov.T) / 2
+        mean = real_fourier_inverse(self.mean[None], H, W).reshape(self.shape)
+        return GaussianDenoiser(mean, cov, schedule)
+
+
+def fourier_gaussian_em(
+    y: Tensor,
+    masks: Tensor,
+    noise: float,
+    iterations: int = 64,
+) -> tuple[FourierGaussian, list[float]]:
+    r"""Empirical Bayes (EM) for the :class:`FourierGaussian` prior from k-space observations
+    :math:`y_i = m_i \odot (\mathcal{F} x_i) + \epsilon_i` only: in the real Fourier basis the
+    operators are selections, so each coordinate :math:`c_j \sim \mathcal{N}(\mu_j, p_j)` is
+    seen by item :math:`i` through looks :math:`z_{ij} = c_{ij} + \mathcal{N}(0, v_{ij})`
+    (or not at all), and EM iterates
+
+    .. math:: \pi_{ij} = (1/p_j + 1/v_{ij})^{-1}, \quad \hat{c}_{ij} = \pi_{ij} (\mu_j / p_j
+        + z_{ij} / v_{ij}), \quad \mu_j \leftarrow \frac{1}{N} \sum_i \hat{c}_{ij}, \quad
+        p_j \leftarrow \frac{1}{N} \sum_i \pi_{ij} + (\hat{c}_{ij} - \mu_j)^2,
+
+    (:math:`\hat{c}_{ij} = \mu_j`, :math:`\pi_{ij} = p_j` when unobserved), which never
+    decreases the evidence. This is the lap 0 of EM on accelerated MRI: the dense Gaussian EM
+    of :func:`plausible.em.gaussian_em` would need ``(N, 2 D, D)`` operator matrices.
+
+    Arguments:
+        y: k-space observations ``(N, 1, H, W, 2)`` (as :func:`observe` returns).
+        masks: Their masks ``(N, H, W)``. noise: The noise std :math:`\sigma_y > 0`.
+        iterations: EM iterations.
+
+    Returns:
+        ``(gaussian, log_likelihood)``: the prior and the mean log-evidence per observation
+        (of the looks) before each iteration and after the last (``iterations + 1`` values).
+    """
+    if y.dim() != 5 or y.shape[1] != 1 or y.shape[-1] != 2 or \
+            tuple(masks.shape) != (y.shape[0], *y.shape[2:4]):
+        raise ValueError(f"expected y (N, 1, H, W, 2) and masks (N, H, W), got "
+                         f"{tuple(y.shape)} and {tuple(masks.shape)}")
+    if not noise > 0:
+        raise ValueError(f"noise must be positive, got {noise}")
+    H, W = masks.shape[1:]
+    if H % 2 or W % 2:
+        raise ValueError(f"the image sides must be even, got {H} x {W}")
+    z, var = _fourier_looks(y, masks, noise)
+    seen = torch.isfinite(var)
+    count = seen.sum(0).clamp(min=1)
+    mu = torch.where(seen, z, 0.0).sum(0) / count
+    p = (torch.where(seen, (z - mu) ** 2, 0.0).sum(0) / count).clamp(min=noise**2)
+    gaussian = FourierGaussian(mu, p, (1, H, W))
+    history = []
+    N = y.shape[0]
+    constant = float(_noise_log_density(y, masks, noise).mean())
+    for it in range(iterations + 1):
+        history.append(float(gaussian._looks_log_likelihood(z, var).mean()) + constant)
+        if it == iterations:
+            break
+        pi = torch.where(seen, 1 / (1 / p + 1 / torch.where(seen, var, 1.0)), p)
+        c = torch.where(seen, pi * (mu / p + torch.where(seen, z, 0.0)
+                                    / torch.where(seen, var, 1.0)), mu)
+        mu = c.mean(0)
+        p = (pi + (c - mu) ** 2).sum(0) / N
+        p = p.clamp(min=1e-12 * float(p.max()))
+        gaussian = FourierGaussian(mu, p, (1, H, W))
+    return gaussian, history
 
 
 def _check_pair(x: Tensor, ref: Tensor) -> None:
@@ -357,10 +577,7 @@ def observe(
                          f"and {tuple(masks.shape)}")
     if not noise > 0:
         raise ValueError(f"noise must be positive, got {noise}")
-    out = torch.empty(*x.shape, 2, dtype=x.dtype)
-    for i in range(x.shape[0]):
-        op = FourierMask(masks[i])
-        eps = torch.randn(out.shape[1:], generator=generator, dtype=x.dtype)
-        out[i] = op(x[i:i + 1])[0] + noise * eps * op.mask[..., None].to(x.dtype)
-    return out
+    k = torch.view_as_real(torch.fft.fft2(x, norm="ortho"))
+    eps = torch.randn(k.shape, generator=generator, dtype=k.dtype)
+    return (k + noise * eps) * masks[:, None, :, :, None].to(k.dtype)
 
