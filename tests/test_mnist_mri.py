@@ -440,7 +440,11 @@ def test_fourier_gaussian_posterior_and_evidence_are_exact():
     g = torch.Generator().manual_seed(1)
     fg = mri.FourierGaussian(torch.randn(D, generator=g, dtype=torch.float64),
                              torch.rand(D, generator=g, dtype=torch.float64) + 0.1, (1, H, W))
-    den = fg.denoiser()
+    den = fg.dense_denoiser()
+    fast = fg.denoiser()
+    x_t = torch.randn(5, 1, H, W, generator=g, dtype=torch.float64)
+    for t in (0.1, 0.5, 0.9):
+        torch.testing.assert_close(fast(x_t, t), den(x_t, t), rtol=0, atol=1e-10)
     masks = torch.cat([kspace_masks(2, H, 2.0, 0.25, "points", g),
                        kspace_masks(2, H, 3.0, 0.25, "lines", g)])
     x = den.sample(4, generator=g)
