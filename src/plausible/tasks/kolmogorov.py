@@ -370,6 +370,9 @@ class KolmogorovFlow:
             progress: Show a tqdm progress bar.
             batch_size: Trajectories simulated together (default: all ``n``).
 
+        Calls ``torch.set_flush_denormal(True)`` (left on: denormal numbers in the spectral
+        tails slow CPUs down 6-9x).
+
         Returns:
             Vorticity trajectories of shape ``(n, length, 1, H, W)`` (``state_shape`` per
             state), float32.
@@ -380,28 +383,24 @@ class KolmogorovFlow:
         batch_size = n if batch_size is None else int(batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        flush = torch.is_flush_denormal() if hasattr(torch, "is_flush_denormal") else False
-        torch.set_flush_denormal(True)
-        try:
-            out = torch.empty((n, length, *self.state_shape), dtype=torch.float32)
-            bar = tqdm(total=n * (burn_in + length), desc="kolmogorov", unit="state",
-                       disable=not progress, leave=False)
-            with torch.no_grad():
-                for start in range(0, n, batch_size):
-                    stop = min(n, start + batch_size)
-                    w = self.to_spectral(self.initial(stop - start, generator))
-                    for i in range(burn_in + length):
-                        w = self.evolve(w, self.dt)
-                        if not bool(torch.isfinite(w).all()):
-                            raise FloatingPointError(
-                                f"the simulation diverged at state {i}; lower cfl or max_step")
-                        if i >= burn_in:
-                            state = self.pool(self.to_physical(w))
-                            out[start:stop, i - burn_in, 0] = state.float().cpu()
-                        bar.update(stop - start)
-            bar.close()
-        finally:
-            torch.set_flush_denormal(flush)
+        torch.set_flush_denormal(True)  # spectral tails: denormals slow the CPU 6-9x
+        out = torch.empty((n, length, *self.state_shape), dtype=torch.float32)
+        bar = tqdm(total=n * (burn_in + length), desc="kolmogorov", unit="state",
+                   disable=not progress, leave=False)
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                w = self.to_spectral(self.initial(stop - start, generator))
+                for i in range(burn_in + length):
+                    w = self.evolve(w, self.dt)
+                    if not bool(torch.isfinite(w).all()):
+                        raise FloatingPointError(
+                            f"the simulation diverged at state {i}; lower cfl or max_step")
+                    if i >= burn_in:
+                        state = self.pool(self.to_physical(w))
+                        out[start:stop, i - burn_in, 0] = state.float().cpu()
+                    bar.update(stop - start)
+        bar.close()
         return out
 
     def velocity(self, omega: Tensor) -> Tensor:
