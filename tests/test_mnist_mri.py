@@ -480,3 +480,36 @@ def test_fourier_gaussian_em_recovers_the_prior():
     assert z_mu.abs().max() < 5 and z_var.abs().max() < 5
     with pytest.raises(ValueError, match="even"):
         mri.fourier_gaussian_em(y[:, :, :7, :7], masks[:, :7, :7], noise)
+
+
+def test_mmps_with_the_fourier_gaussian_is_the_exact_posterior_denoiser():
+    # with a Gaussian prior and a converged solve, MMPS gives E[x | x_t, y] exactly: the
+    # posterior mean of x given the two linear-Gaussian observations x_t and y
+    from plausible import em
+    from plausible.denoisers import gaussian_condition
+
+    H = W = 8
+    D = H * W
+    g = torch.Generator().manual_seed(4)
+    fg = mri.FourierGaussian(torch.randn(D, generator=g, dtype=torch.float64),
+                             torch.rand(D, generator=g, dtype=torch.float64) + 0.1, (1, H, W))
+    prior = fg.denoiser()
+    dense = fg.dense_denoiser()
+    masks = kspace_masks(3, H, (4.0, 6.0), 0.25, "lines", generator=g)
+    x = dense.sample(3, generator=g)
+    y = observe(x, masks, 0.05, generator=g)
+    obs = em.Observations(y, em.FourierMasks(masks), 0.05)
+    post = em.BatchedMMPS(prior, obs, tol=1e-12, maxiter=None)
+    t = torch.tensor(0.6, dtype=torch.float64)
+    alpha, sigma = prior.schedule(t)
+    x_t = alpha * x + sigma * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    out = post(x_t, t)
+    for i in range(3):
+        A = FourierMask(masks[i]).matrix((1, H, W))
+        o = masks[i][..., None].expand(H, W, 2).flatten()
+        stacked = torch.cat([float(alpha) * torch.eye(D, dtype=torch.float64), A[o]])
+        values = torch.cat([x_t[i].flatten(), y[i].flatten()[o]])
+        noise = torch.cat([torch.full((D,), float(sigma) ** 2, dtype=torch.float64),
+                           torch.full((int(o.sum()),), 0.05**2, dtype=torch.float64)])
+        m, _, _ = gaussian_condition(dense.mean, dense.covariance, stacked, values, noise)
+        torch.testing.assert_close(out[i].flatten(), m, rtol=0, atol=1e-6)
