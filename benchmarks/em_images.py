@@ -48,18 +48,18 @@ from plausible.tasks import mri as mri_task  # noqa: E402
 __all__ = ["MNIST_CONFIG", "MRI_CONFIG", "mnist_experiment", "mri_experiment", "main"]
 
 MNIST_CONFIG: dict[str, Any] = {
-    "n_obs": 1024,  # corrupted training images (EM) = clean training images (reference prior)
+    "n_obs": 768,  # corrupted training images (EM) = clean training images (reference prior)
     "deleted": [0.75, 0.5],
     "noise": 0.05,  # std of the noise on kept pixels (images in [-1, 1])
-    "laps": 5,
+    "laps": 4,
     "unet": {"hidden_channels": [16, 32, 64], "hidden_blocks": 1, "padding": "zeros"},
     "sigma_data": 0.5,
-    "training": {"steps": 200, "batch_size": 64, "lr": 2e-3, "ema": 0.99},
-    "sampling": {"steps": 12, "sampler": "ddim", "maxiter": 1, "batch_size": 256},
+    "training": {"steps": 150, "batch_size": 64, "lr": 2e-3, "ema": 0.99},
+    "sampling": {"steps": 10, "sampler": "ddim", "maxiter": 1, "batch_size": 256},
     "gaussian_rank": 16,
     "gaussian_iterations": 16,
     "classifier": {"n": 10000, "epochs": 2, "features": 128},
-    "fd": {"n": 500, "steps": 24, "sampler": "ddim"},
+    "fd": {"n": 500, "steps": 16, "sampler": "ddim"},
 }
 MNIST_QUICK: dict[str, Any] = {
     **MNIST_CONFIG, "n_obs": 128, "deleted": [0.75], "laps": 1,
@@ -356,6 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny configuration (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--deleted", type=float, nargs="+", default=None,
+                        help="mnist: the deleted fractions to run (default: 0.75 0.5); the "
+                             "output name gets their percentages when given")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
     info = setup(args.threads, args.seed)
@@ -363,6 +366,9 @@ def main(argv: list[str] | None = None) -> None:
     tag = f"em_{args.experiment}" + ("_quick" if args.quick else "")
     if args.experiment == "mnist":
         config = copy.deepcopy(MNIST_QUICK if args.quick else MNIST_CONFIG)
+        if args.deleted:
+            config["deleted"] = list(args.deleted)
+            tag += "_" + "_".join(str(round(100 * d)) for d in args.deleted)
         payload = mnist_experiment(config, args.seed, tag, args.progress)
     else:
         config = copy.deepcopy(MRI_QUICK if args.quick else MRI_CONFIG)
