@@ -1,0 +1,196 @@
+"""Amortized posteriors on the sbi benchmark: plausible's ConditionalDenoiser vs the peer
+``sbi`` (NPSE and NPE at their defaults), side by side in one run.
+
+For each task and simulation budget, every method trains on the same simulations (one seed),
+then draws 10,000 samples for each reference observation; the metric is sbibm's C2ST
+(``plausible.diagnostics.c2st``, MLP classifier, 5 folds) against sbibm's 10,000 reference
+samples (0.5 is perfect). Wall times of training and sampling are measured in the same
+process, one torch thread each.
+
+    python benchmarks/sbi.py                               # the subset reported in BENCHMARKS.md
+    python benchmarks/sbi.py --tasks two_moons gaussian_linear slcp gaussian_mixture \\
+        gaussian_linear_uniform bernoulli_glm sir lotka_volterra \\
+        --budgets 1000 10000 100000 --observations 1 2 3 4 5 6 7 8 9 10     # the full run
+
+Needs the sbibm 1.1.0 wheel (``pip download --no-deps sbibm==1.1.0 -d
+~/.cache/plausible/sbibm``) and, for the peers, ``pip install sbi==0.27.0``. Results go to
+``results/sbi.json`` (rewritten after every cell, so an interrupted run keeps what it
+measured) and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import plausible  # noqa: E402
+from _common import setup, table, write_json  # noqa: E402
+from plausible.amortized import ConditionalDenoiser  # noqa: E402
+from plausible.diagnostics import c2st  # noqa: E402
+from plausible.tasks.sbi import get_task  # noqa: E402
+
+METHODS = ("plausible", "sbi-npse", "sbi-npe")
+
+
+def plausible_steps(budget: int) -> int:
+    """Training steps of plausible's NPSE (batch 256): 2000 + 2000 log10(budget / 1000), i.e.
+    2000 / 4000 / 6000 for 10^3 / 10^4 / 10^5 simulations."""
+    return int(2000 + 2000 * max(0.0, math.log10(budget / 1000)))
+
+
+def simulate(task: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` finite pairs ``(theta, y)`` (rows with a failed simulation are redrawn)."""
+    g = torch.Generator().manual_seed(seed)
+    thetas, ys, have = [], [], 0
+    while have < n:
+        theta = task.prior.sample(n - have, g)
+        y = task.simulator(theta, g)
+        ok = torch.isfinite(y).all(1)
+        thetas.append(theta[ok])
+        ys.append(y[ok])
+        have += int(ok.sum())
+    return torch.cat(thetas).float(), torch.cat(ys).float()
+
+
+def sbi_prior(task: Any) -> Any:
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+    from sbi.utils import BoxUniform
+
+    p = task.prior
+    if type(p).__name__ == "UniformPrior":
+        return BoxUniform(p.low.float(), p.high.float())
+    if type(p).__name__ == "GaussianPrior":
+        return torch.distributions.MultivariateNormal(p.loc.float(),
+                                                      covariance_matrix=p.cov.float())
+    if type(p).__name__ == "LogNormalPrior":
+        return torch.distributions.Independent(torch.distributions.LogNormal(p.loc, p.scale), 1)
+    raise TypeError(f"no sbi prior for {type(p).__name__}")
+
+
+def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: int,
+          seed: int) -> tuple[Any, dict[str, Any]]:
+    """Trains ``method``; returns a sampler ``(y_obs, n) -> (n, D)`` and its settings."""
+    torch.manual_seed(seed)
+    if method == "plausible":
+        npe = ConditionalDenoiser.mlp(task.dim_theta, task.dim_y, prior=task.prior)
+        steps = plausible_steps(budget)
+        npe.standardize_from(theta, y)
+        plausible.fit(npe, (theta, y), steps=steps, batch_size=256, progress=False)
+
+        def draw(y_obs: torch.Tensor, n: int) -> torch.Tensor:
+            return npe.given(y_obs).sample(n, steps=128, sampler="ddpm", seed=seed)
+
+        settings = {"net": "ResMLP 128x3, MLP embedding -> 64", "steps": steps,
+                    "batch_size": 256, "lr": 1e-3, "t_distribution": "lognormal",
+                    "sampler": "ddpm", "sampling_steps": 128,
+                    "parameters": sum(p.numel() for p in npe.parameters())}
+        return draw, settings
+    # this file is named sbi.py: its folder must not shadow the peer package
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+    from sbi.inference import NPE, NPSE
+
+    prior = sbi_prior(task)
+    if method == "sbi-npse":
+        inference = NPSE(prior=prior, show_progress_bars=False)
+    elif method == "sbi-npe":
+        inference = NPE(prior=prior, show_progress_bars=False)
+    else:
+        raise ValueError(method)
+    estimator = inference.append_simulations(theta, y).train()
+    posterior = inference.build_posterior()
+    epochs = inference.summary.get("epochs_trained", [None])[-1] if hasattr(
+        inference, "summary") else None
+
+    def draw_sbi(y_obs: torch.Tensor, n: int) -> torch.Tensor:
+        return posterior.sample((n,), x=y_obs[None], show_progress_bars=False)
+
+    settings = {"defaults": True, "epochs": epochs,
+                "parameters": sum(p.numel() for p in estimator.parameters())}
+    return draw_sbi, settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["two_moons", "gaussian_linear", "slcp"])
+    parser.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000])
+    parser.add_argument("--observations", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--samples", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="sbi", help="results/<out>.json")
+    args = parser.parse_args(argv)
+
+    info = setup(args.threads, args.seed)
+    try:
+        from importlib.metadata import version
+
+        info["sbi"] = version("sbi")
+    except ImportError:
+        info["sbi"] = None
+    rows: list[dict[str, Any]] = []
+    payload: dict[str, Any] = {
+        "benchmark": "sbi", "machine": info, "args": vars(args), "rows": rows,
+        "note": "2-core machine shared with other jobs: wall times are noisy; compare ratios "
+                "within one task and budget",
+    }
+    start = time.perf_counter()
+    for name in args.tasks:
+        task = get_task(name)
+        refs = {i: task.reference_samples(i) for i in args.observations}
+        obs = {i: task.observation(i) for i in args.observations}
+        for budget in args.budgets:
+            theta, y = simulate(task, budget, seed=args.seed + budget)
+            for method in args.methods:
+                row: dict[str, Any] = {"task": name, "budget": budget, "method": method}
+                try:
+                    t0 = time.perf_counter()
+                    draw, settings = train(method, task, theta, y, budget, args.seed)
+                    row["train_s"] = time.perf_counter() - t0
+                    row["settings"] = settings
+                    row["c2st"], row["sample_s"] = {}, {}
+                    for i in args.observations:
+                        t0 = time.perf_counter()
+                        s = draw(obs[i], args.samples).detach().float()
+                        row["sample_s"][i] = time.perf_counter() - t0
+                        row["c2st"][i] = c2st(refs[i][: args.samples], s)
+                        print(f"{name} {budget} {method} obs {i}: c2st {row['c2st'][i]:.3f} "
+                              f"(train {row['train_s']:.0f}s, sample "
+                              f"{row['sample_s'][i]:.1f}s)", flush=True)
+                except Exception as error:  # noqa: BLE001 - recorded and reported
+                    row["error"] = f"{type(error).__name__}: {error}"
+                    traceback.print_exc()
+                rows.append(row)
+                payload["elapsed_s"] = time.perf_counter() - start
+                write_json(args.out, payload)
+    summary = []
+    for r in rows:
+        c = list(r.get("c2st", {}).values())
+        s = list(r.get("sample_s", {}).values())
+        summary.append({
+            "task": r["task"], "budget": r["budget"], "method": r["method"],
+            "c2st": sum(c) / len(c) if c else None,
+            "per_obs": " ".join(f"{v:.3f}" for v in c) if c else r.get("error", "-")[:40],
+            "train_s": r.get("train_s"),
+            "sample_s": sum(s) / len(s) if s else None,
+        })
+    payload["summary"] = summary
+    write_json(args.out, payload)
+    print(table(summary, [("task", "task"), ("budget", "simulations"), ("method", "method"),
+                          ("c2st", "C2ST (mean)"), ("per_obs", "C2ST per observation"),
+                          ("train_s", "train s"), ("sample_s", f"sample s / {args.samples}")]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
