@@ -338,7 +338,19 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join([fmt(header), rule, *(fmt(line) for line in lines)])
 
 
+def _lorenz(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    from .lorenz_demo import lorenz_demo
+
+    return lorenz_demo(*args, **kwargs)
+
+
 DEMOS: dict[str, tuple[Callable[..., dict[str, Any]], str]] = {
+    "lorenz": (
+        lambda *args, **kwargs: _lorenz(*args, **kwargs),
+        "data assimilation: a Lorenz-63 trajectory (65 states) from 9 noisy observations of "
+        "one variable; MMPS with the shipped window prior against a particle smoother "
+        "(about 3 minutes on 2 cores)",
+    ),
     "gaussian": (
         gaussian_demo,
         "random linear-Gaussian inverse problem (16-D, two observations): MMPS and DPS "
@@ -356,7 +368,7 @@ def _mixture(*args: Any, **kwargs: Any) -> dict[str, Any]:
     from .demos import mixture_demo
 
     return mixture_demo(*args, **kwargs)
-DEFAULT_DEMO = "gaussian"
+DEFAULT_DEMO = "lorenz"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,11 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--list", action="store_true", help="list the demos and exit")
     demo.add_argument("--out", metavar="DIR", default=DEFAULT_OUT,
                       help=f"output directory (default: {DEFAULT_OUT}/)")
-    demo.add_argument("--samples", metavar="N", type=_int_at_least(32), default=1024,
-                      help="samples per method (default: 1024, at least 32)")
+    demo.add_argument("--samples", metavar="N", type=_int_at_least(32), default=None,
+                      help="samples per method (default: 256 for lorenz, 1024 for gaussian, "
+                           "2048 for mixture; at least 32)")
     demo.add_argument("--steps", metavar="S", type=_int_at_least(4), default=64,
-                      help="steps of the DDPM samplers; the second-order DPM-Solver++ takes "
-                           "S/4 (default: 64, at least 4)")
+                      help="sampler steps (lorenz: predictor-corrector steps; gaussian: DDPM "
+                           "steps, the second-order DPM-Solver++ takes S/4; mixture: SMC "
+                           "steps, MMPS takes 4S) (default: 64, at least 4)")
     demo.add_argument("--seed", metavar="K", type=int, default=0,
                       help="random seed of the problem and the samplers (default: 0)")
     demo.add_argument("--quiet", action="store_true",
@@ -487,6 +501,76 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(handler=_data, subparser=data)
     # --- end data: parser ---
     # --- sbi: parser ---
+    sbi = commands.add_parser(
+        "sbi",
+        help="amortized posteriors on the sbi-benchmark tasks (train, sample, check)",
+        description="Neural posterior estimation with a conditional diffusion model on the "
+                    "sbi-benchmark tasks (plausible.tasks.sbi): 'train' simulates and trains, "
+                    "'sample' draws posterior samples for a reference observation, 'check' "
+                    "measures calibration (SBC, TARP, marginal coverage) on fresh simulations.",
+    )
+    sbi_commands = sbi.add_subparsers(dest="sbi_command", metavar="SUBCOMMAND")
+    sbi.set_defaults(handler=_sbi_help, subparser=sbi)
+    sbi_train = sbi_commands.add_parser(
+        "train", help="simulate a task and train a ConditionalDenoiser",
+        description="Simulate --simulations pairs (theta, y) of --task and train a "
+                    "ConditionalDenoiser on them; checkpoints and sbi.json go to --out.")
+    sbi_train.add_argument("--task", required=True, help="sbi-benchmark task, e.g. two_moons")
+    sbi_train.add_argument("--simulations", metavar="N", type=_int_at_least(10), default=10_000,
+                           help="simulation budget (default: 10000)")
+    sbi_train.add_argument("--out", metavar="DIR", required=True, help="run folder")
+    sbi_train.add_argument("--steps", metavar="S", type=_int_at_least(1), default=None,
+                           help="training steps (default: 2000 + 2000 log10(N / 1000), at "
+                                "least 1000)")
+    sbi_train.add_argument("--batch-size", metavar="B", type=_int_at_least(2), default=256,
+                           help="batch size (default: 256)")
+    sbi_train.add_argument("--seed", metavar="K", type=int, default=0, help="random seed")
+    sbi_train.add_argument("--resume", action="store_true", help="continue a crashed run")
+    sbi_train.add_argument("--quiet", action="store_true", help="no progress bar")
+    sbi_train.set_defaults(handler=_sbi_train, subparser=sbi_train)
+    sbi_sample = sbi_commands.add_parser(
+        "sample", help="posterior samples for a reference observation (+ a pair plot)",
+        description="Draw posterior samples of a trained run for sbibm's reference "
+                    "observation --observation (or --y); writes a safetensors file (tensor "
+                    "'theta') and a pair plot beside it (with sbibm's reference posterior "
+                    "when the sbibm wheel is available).")
+    sbi_sample.add_argument("run", metavar="RUN", help="run folder of 'plausible sbi train'")
+    sbi_sample.add_argument("--observation", metavar="I", type=int, default=1,
+                            help="sbibm reference observation 1..10 (default: 1)")
+    sbi_sample.add_argument("--y", metavar="Y", default=None,
+                            help="an observation given as comma-separated numbers instead")
+    sbi_sample.add_argument("-n", "--samples", metavar="N", type=_int_at_least(1),
+                            default=10_000, help="number of samples (default: 10000)")
+    sbi_sample.add_argument("--steps", metavar="S", type=_int_at_least(1), default=128,
+                            help="sampler steps (default: 128)")
+    sbi_sample.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "heun",
+                                                                  "dpm++", "unipc"],
+                            help="sampler (default: ddpm)")
+    sbi_sample.add_argument("--seed", metavar="K", type=int, default=0, help="random seed")
+    sbi_sample.add_argument("--out", metavar="FILE", default=None,
+                            help="output file (default: RUN/samples-obs<I>.safetensors)")
+    sbi_sample.add_argument("--c2st", action="store_true",
+                            help="also report C2ST against sbibm's reference samples")
+    sbi_sample.add_argument("--quiet", action="store_true", help="no progress bar")
+    sbi_sample.set_defaults(handler=_sbi_sample, subparser=sbi_sample)
+    sbi_check = sbi_commands.add_parser(
+        "check", help="calibration report: SBC, TARP and marginal coverage with plots",
+        description="Simulate --simulations fresh pairs (theta, y) from the prior, draw "
+                    "--samples posterior samples for each y in one batched call, and report "
+                    "SBC ranks, TARP and marginal coverage (plausible.diagnostics) with their "
+                    "uniformity p-values; writes check.json and PNG plots to --out.")
+    sbi_check.add_argument("run", metavar="RUN", help="run folder of 'plausible sbi train'")
+    sbi_check.add_argument("--simulations", metavar="B", type=_int_at_least(10), default=200,
+                           help="fresh simulations (default: 200)")
+    sbi_check.add_argument("--samples", metavar="N", type=_int_at_least(10), default=500,
+                           help="posterior samples per simulation (default: 500)")
+    sbi_check.add_argument("--steps", metavar="S", type=_int_at_least(1), default=64,
+                           help="sampler steps (default: 64)")
+    sbi_check.add_argument("--seed", metavar="K", type=int, default=1, help="random seed")
+    sbi_check.add_argument("--out", metavar="DIR", default=None,
+                           help="report folder (default: RUN/check)")
+    sbi_check.add_argument("--quiet", action="store_true", help="no progress bar")
+    sbi_check.set_defaults(handler=_sbi_check, subparser=sbi_check)
     # --- end sbi: parser ---
     # --- em: parser ---
     em_cmd = commands.add_parser(
@@ -582,11 +666,13 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if out.exists() and not out.is_dir():
         parser.error(f"--out {str(out)!r} exists and is not a directory")
     run, _ = DEMOS[args.name]
-    # the demo's tensors are small: one thread is fastest, and kind to a busy machine
+    # small demos: one thread is fastest, and kind to a busy machine; lorenz uses them all
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if args.name != "lorenz":
+        torch.set_num_threads(1)
+    options = {} if args.samples is None else {"samples": args.samples}
     try:
-        run(out, samples=args.samples, steps=args.steps, seed=args.seed, quiet=args.quiet)
+        run(out, steps=args.steps, seed=args.seed, quiet=args.quiet, **options)
     except DemoError as error:
         print(f"plausible demo: error: {error}", file=sys.stderr)
         return 1
@@ -731,6 +817,177 @@ def _data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 # --- end data: handlers ---
 
 # --- sbi: handlers ---
+
+
+def _sbi_help(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 0 if args.sbi_command is None else 2
+
+
+def _sbi_error(command: str, error: Exception) -> int:
+    print(f"plausible sbi {command}: error: {error}", file=sys.stderr)
+    return 1
+
+
+def _sbi_run(run: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, task, run info) of a run folder of 'plausible sbi train'."""
+    from .checkpoints import load
+    from .tasks.sbi import get_task
+
+    info_path = Path(run) / "sbi.json"
+    if not info_path.is_file():
+        raise CheckpointError(f"{run} is not a run of 'plausible sbi train' (no sbi.json)")
+    info = json.loads(info_path.read_text())
+    return load(run), get_task(info["task"]), info
+
+
+def _sbi_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .amortized import ConditionalDenoiser
+    from .tasks.sbi import TASKS, get_task
+    from .training import fit
+
+    if args.task not in TASKS:
+        parser.error(f"unknown task {args.task!r}; available: {', '.join(TASKS)}")
+    task = get_task(args.task)
+    n = args.simulations
+    steps = args.steps or max(1000, int(2000 + 2000 * math.log10(max(n, 1000) / 1000)))
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    thetas, ys, have = [], [], 0
+    tick = time.perf_counter()
+    while have < n:  # rows whose simulation failed (NaN) are redrawn
+        theta = task.prior.sample(n - have, g)
+        y = task.simulator(theta, g)
+        ok = torch.isfinite(y).all(1)
+        thetas.append(theta[ok].float())
+        ys.append(y[ok].float())
+        have += int(ok.sum())
+    theta, y = torch.cat(thetas), torch.cat(ys)
+    simulate_s = time.perf_counter() - tick
+    out = Path(args.out)
+    npe = ConditionalDenoiser.mlp(task.dim_theta, task.dim_y, prior=task.prior)
+    npe.standardize_from(theta, y)
+    tick = time.perf_counter()
+    try:
+        history = fit(npe, (theta, y), steps=steps, batch_size=args.batch_size,
+                      checkpoint=out, checkpoint_every=max(100, steps // 10),
+                      resume=args.resume, seed=args.seed, progress=not args.quiet)
+    except CheckpointError as error:
+        return _sbi_error("train", error)
+    info = {"task": args.task, "simulations": n, "steps": steps, "seed": args.seed,
+            "batch_size": args.batch_size, "simulate_s": simulate_s,
+            "train_s": time.perf_counter() - tick}
+    (out / "sbi.json").write_text(json.dumps(info, indent=1))
+    last = f": loss {history['loss'][-1]:.4f}" if history["loss"] else ""
+    print(f"trained on {n} simulations of {args.task} for {steps} steps{last}; run in {out}")
+    return 0
+
+
+def _sbi_sample(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from safetensors.torch import save_file
+
+    from . import plots
+
+    try:
+        model, task, _ = _sbi_run(args.run)
+    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as error:
+        return _sbi_error("sample", error)
+    reference = truth = None
+    if args.y is not None:
+        try:
+            y = torch.tensor([float(v) for v in args.y.split(",")])
+        except ValueError:
+            parser.error(f"--y must be comma-separated numbers, got {args.y!r}")
+        if y.numel() != task.dim_y:
+            parser.error(f"--y must have {task.dim_y} numbers for {task.name}, got {y.numel()}")
+        tag = "y"
+    else:
+        if not 1 <= args.observation <= 10:
+            parser.error(f"--observation must be in 1..10, got {args.observation}")
+        try:
+            y = task.observation(args.observation)
+            reference = task.reference_samples(args.observation)
+            truth = task.true_parameters(args.observation)
+        except FileNotFoundError as error:
+            return _sbi_error("sample", error)
+        tag = f"obs{args.observation}"
+    tick = time.perf_counter()
+    theta = model.given(y).sample(args.samples, steps=args.steps, sampler=args.sampler,
+                                  seed=args.seed, progress=not args.quiet)
+    elapsed = time.perf_counter() - tick
+    out = Path(args.out) if args.out else Path(args.run) / f"samples-{tag}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"theta": theta.detach().cpu().contiguous(), "y": y.contiguous()}, str(out),
+              metadata={"run": str(args.run), "task": task.name, "sampler": args.sampler,
+                        "steps": str(args.steps), "seed": str(args.seed)})
+    sets = {"plausible": theta}
+    if reference is not None:
+        sets["reference"] = reference
+    png = out.with_suffix(".png")
+    plots.pair_plot(sets, dims=list(range(min(task.dim_theta, 5))),
+                    reference="reference" if reference is not None else None, path=png,
+                    truth=truth, title=f"{task.name}: posterior ({tag})")
+    print(f"wrote {out} ({tuple(theta.shape)}, {elapsed:.1f} s) and {png}")
+    if args.c2st and reference is not None:
+        from .diagnostics import c2st
+
+        m = min(len(reference), args.samples)
+        print(f"C2ST against the reference: {c2st(reference[:m], theta[:m].float()):.3f} "
+              "(0.5 is perfect)")
+    return 0
+
+
+def _sbi_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import diagnostics as dg
+    from . import plots
+
+    try:
+        model, task, _ = _sbi_run(args.run)
+    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as error:
+        return _sbi_error("check", error)
+    g = torch.Generator().manual_seed(args.seed)
+    theta = task.prior.sample(args.simulations, g).float()
+    y = task.simulator(theta, g).float()
+    ok = torch.isfinite(y).all(1)
+    theta, y = theta[ok], y[ok]
+    tick = time.perf_counter()
+    samples = model.given(y).sample(args.samples, steps=args.steps, seed=args.seed,
+                                    progress=not args.quiet)  # (N, B, D)
+    samples = samples.transpose(0, 1).contiguous().float()  # (B, N, D)
+    elapsed = time.perf_counter() - tick
+    bounds = task.prior.bounds
+    finite = bounds is not None and all(bool(torch.isfinite(b).all()) for b in bounds)
+    ranks = dg.sbc(theta, samples, seed=args.seed)
+    tarp = dg.tarp(theta, samples, bounds=bounds if finite else None, seed=args.seed)
+    cover = dg.marginal_coverage(theta, samples, seed=args.seed)
+    out = Path(args.out) if args.out else Path(args.run) / "check"
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f"theta[{d}]" for d in range(task.dim_theta)]
+    plots.sbc_histogram(ranks, out / "sbc.png", names=names, title=f"{task.name}: SBC ranks")
+    plots.sbc_ecdf(ranks, out / "sbc_ecdf.png", names=names, title=f"{task.name}: SBC ECDF")
+    plots.tarp_plot(tarp, out / "tarp.png", title=f"{task.name}: TARP")
+    plots.coverage_plot(cover, out / "coverage.png", names=names,
+                        title=f"{task.name}: marginal coverage")
+    report = {
+        "task": task.name, "simulations": int(theta.shape[0]), "samples": args.samples,
+        "steps": args.steps, "seed": args.seed, "sampling_s": elapsed,
+        "sbc_chi2_pvalues": ranks.pvalues.tolist(), "sbc_ks_pvalues": ranks.ks_pvalues.tolist(),
+        "tarp_atc": tarp.atc, "tarp_distance": tarp.distance, "tarp_pvalue": tarp.pvalue,
+        "marginal_coverage_pvalues": torch.as_tensor(cover.pvalue).tolist(),
+    }
+    (out / "check.json").write_text(json.dumps(report, indent=1))
+    print(f"{task.name}: {report['simulations']} simulations x {args.samples} samples "
+          f"({elapsed:.1f} s)")
+    print("  SBC rank uniformity (KS p-value per dimension): "
+          + ", ".join(f"{p:.3f}" for p in report["sbc_ks_pvalues"]))
+    print(f"  TARP: ATC {tarp.atc:+.3f}, max |ECP - alpha| {tarp.distance:.3f}, "
+          f"p-value {tarp.pvalue:.3f}")
+    print("  marginal coverage (KS p-value per dimension): "
+          + ", ".join(f"{p:.3f}" for p in report["marginal_coverage_pvalues"]))
+    print(f"  (p-values well above 0.01 are consistent with calibration); plots in {out}")
+    return 0
+
+
 # --- end sbi: handlers ---
 
 # --- em: handlers ---
