@@ -195,8 +195,18 @@ EXPERIMENTS = {"manifold": manifold_experiment}
 
 
 def main(argv: list[str] | None = None) -> None:
+    # the image experiments (--experiment mnist|mri) have their own options: em_images.py
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--experiment")
+    if pre.parse_known_args(argv)[0].experiment in ("mnist", "mri"):
+        import em_images
+
+        em_images.main(argv)
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), default="manifold")
+    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS) + ["mnist", "mri"],
+                        default="manifold",
+                        help="mnist and mri run benchmarks/em_images.py (see its --help)")
     parser.add_argument("--quick", action="store_true", help="a small smoke configuration")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
