@@ -842,7 +842,10 @@ class _SpaceMixin:
         z = self.encode(theta)
         logp = flow_log_prob(self, z, steps=steps, exact=exact, probes=probes,  # type: ignore
                              event_dims=1, seed=seed)
-        return logp - self.model.log_abs_det(z.to(_F64)).to(_F64)
+        model = getattr(self, "model", None)
+        if model is None:  # an IIDPosterior without a model: the sampling space is theta's
+            return logp
+        return logp - model.log_abs_det(z.to(_F64)).to(_F64)
 
 
 class AmortizedPosterior(_SpaceMixin, Denoiser):
