@@ -245,8 +245,14 @@ def _truncated_problem(n: int, ybar, seed: int = 0):
 Tensor = torch.Tensor
 
 
-@pytest.mark.parametrize("n", [1, pytest.param(10, marks=pytest.mark.slow),
-                               pytest.param(100, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n", [
+    1,
+    pytest.param(10, marks=pytest.mark.slow),
+    # measured: the mean of the coordinate at the boundary is 1.7 posterior std off (the other
+    # coordinate 0.14): the tall posterior in the logit space is far from Gaussian there
+    pytest.param(100, marks=[pytest.mark.slow, pytest.mark.xfail(
+        strict=True, reason="GAUSS in the logit space fails at n = 100 next to the boundary")]),
+])
 def test_gauss_composition_uniform_prior_truncated_gaussian(n):
     # mean of the observations 0.98: 0.06 / 0.2 / 0.63 posterior std from the boundary 1
     posts, prior, covs, t_mean, t_std, naive_mean, sd = _truncated_problem(n, [0.98, -0.3])
