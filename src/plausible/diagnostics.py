@@ -216,8 +216,8 @@ def c2st(
     default ``seed`` is 1.
 
     ``classifier="rf"`` is a faster variant that is **not** the sbibm metric:
-    ``RandomForestClassifier(n_estimators=100, min_samples_leaf=5, random_state=seed)`` on
-    the same folds. Its values are on the same scale (0.5 = indistinguishable) but differ
+    ``RandomForestClassifier(n_estimators=50, min_samples_leaf=5, max_samples=0.5,
+    random_state=seed)`` on the same folds. Its values are on the same scale (0.5 = indistinguishable) but differ
     from the MLP's for the same pair of sets; do not mix the two in one comparison.
 
     Arguments:
@@ -275,7 +275,8 @@ def c2st(
     elif classifier == "rf":
         from sklearn.ensemble import RandomForestClassifier
 
-        clf = RandomForestClassifier(n_estimators=100, min_samples_leaf=5, random_state=seed)
+        clf = RandomForestClassifier(n_estimators=50, min_samples_leaf=5, max_samples=0.5,
+                                     random_state=seed)
     else:
         raise ValueError(f"classifier must be 'mlp' (sbibm) or 'rf', got {classifier!r}")
     data = np.concatenate((X.numpy(), Y.numpy()))

@@ -211,22 +211,22 @@ class LogNormalPrior(Prior):
     \mathrm{scale}_d^2)`."""
 
     def __init__(self, loc: Tensor, scale: Tensor) -> None:
-        self.loc = torch.as_tensor(loc, dtype=torch.float32).reshape(-1)
-        self.scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+        self.loc = torch.as_tensor(loc, dtype=torch.float64).reshape(-1)
+        self.scale = torch.as_tensor(scale, dtype=torch.float64).reshape(-1)
         self.dim = self.loc.numel()
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        eps = torch.randn(_check_n(n), self.dim, generator=generator)
-        return torch.exp(self.loc + self.scale * eps)
+        eps = torch.randn(_check_n(n), self.dim, generator=generator, dtype=torch.float64)
+        return torch.exp(self.loc + self.scale * eps).float()
 
     def log_prob(self, theta: Tensor) -> Tensor:
         theta = _check_theta(theta, self.dim)
-        loc, scale = self.loc.to(theta), self.scale.to(theta)
-        positive = (theta > 0).all(dim=1)
-        log_t = torch.log(theta.clamp_min(torch.finfo(theta.dtype).tiny))
-        lp = (-0.5 * ((log_t - loc) / scale) ** 2 - torch.log(scale) - log_t
+        t = theta.double()
+        positive = (t > 0).all(dim=1)
+        log_t = torch.log(t.clamp_min(1e-300))
+        lp = (-0.5 * ((log_t - self.loc) / self.scale) ** 2 - torch.log(self.scale) - log_t
               - 0.5 * math.log(2 * math.pi)).sum(dim=1)
-        return torch.where(positive, lp, torch.full_like(lp, -math.inf))
+        return torch.where(positive, lp, torch.full_like(lp, -math.inf)).to(theta.dtype)
 
     @property
     def bounds(self) -> tuple[Tensor, Tensor]:
@@ -754,8 +754,8 @@ def _make(name: str, wheel: str | os.PathLike[str] | None) -> Task:
         prior = GaussianPrior(torch.zeros(10), _bernoulli_glm_arrays()[2])
         return Task(name, 10, 10, prior, _simulate_bernoulli_glm, wheel)
     if name == "sir":
-        prior = LogNormalPrior(torch.tensor([math.log(0.4), math.log(0.125)]),
-                               torch.tensor([0.5, 0.2]))
+        prior = LogNormalPrior(torch.tensor([math.log(0.4), math.log(0.125)], dtype=torch.float64),
+                               torch.tensor([0.5, 0.2], dtype=torch.float64))
         return Task(name, 2, 10, prior, _simulate_sir, wheel)
     if name == "lotka_volterra":
         prior = LogNormalPrior(torch.tensor([-0.125, -3.0, -0.125, -3.0]),
