@@ -91,6 +91,7 @@ __all__ = [
     "Shared",
     "Observations",
     "BatchedMMPS",
+    "BatchedStep",
     "posterior_samples",
     "gaussian_em",
     "gaussian_log_likelihood",
