@@ -271,3 +271,35 @@ def test_validation_messages():
         dg.marginal_coverage(theta, torch.randn(10, 5, 2), levels=torch.tensor([1.5]))
     with pytest.raises(TypeError):
         dg.sbc([[0.0]], torch.randn(1, 2, 1))
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def test_diagnostic_figures_render(tmp_path, calibrated, overconfident):
+    from plausible import plots
+
+    results = {}
+    for name, (theta, samples, log_prob) in {"exact": calibrated,
+                                             "shrunk": overconfident}.items():
+        results[name] = (dg.expected_coverage(log_prob_fn=log_prob, theta=theta,
+                                              samples=samples),
+                         dg.tarp(theta, samples), dg.sbc(theta, samples))
+    figs = {
+        "coverage.png": plots.coverage_plot({k: v[0] for k, v in results.items()}),
+        "marginal.png": plots.coverage_plot(dg.marginal_coverage(*calibrated[:2]),
+                                            names=["a", "b"]),
+        "tarp.png": plots.tarp_plot({k: v[1] for k, v in results.items()}),
+        "sbc.png": plots.sbc_histogram(results["shrunk"][2]),
+        "ecdf.png": plots.sbc_ecdf(results["shrunk"][2]),
+    }
+    for name, fig in figs.items():
+        fig.savefig(tmp_path / name)
+        assert (tmp_path / name).stat().st_size > 5000
+    # one curve per result (+ the diagonal) in the TARP plot; one panel per dimension in SBC
+    assert len(figs["tarp.png"].axes[0].get_lines()) == 3
+    assert len([ax for ax in figs["sbc.png"].axes if ax.axison]) == D
+    with pytest.raises(TypeError, match="TARP"):
+        plots.tarp_plot(results["exact"][0])
+    with pytest.raises(TypeError, match="SBC"):
+        plots.sbc_histogram(results["exact"][1])
