@@ -303,3 +303,27 @@ def test_diagnostic_figures_render(tmp_path, calibrated, overconfident):
         plots.tarp_plot(results["exact"][0])
     with pytest.raises(TypeError, match="SBC"):
         plots.sbc_histogram(results["exact"][1])
+
+
+def test_c2st_is_sbibm_c2st():
+    """The MLP C2ST equals ``sbibm.metrics.c2st`` run from the sbibm 1.1.0 wheel's source
+    (that file needs only numpy, torch and scikit-learn; sbibm itself is not imported)."""
+    import zipfile
+
+    from plausible.tasks.sbi import sbibm_wheel
+
+    try:
+        path = sbibm_wheel()
+    except FileNotFoundError:
+        pytest.skip("sbibm 1.1.0 wheel not downloaded")
+    with zipfile.ZipFile(path) as zf:
+        source = zf.read("sbibm/metrics/c2st.py").decode()
+    namespace: dict = {}
+    exec(compile(source, "sbibm/metrics/c2st.py", "exec"), namespace)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 2, generator=g)
+    y = torch.randn(200, 2, generator=g) * 1.3 + 1.0
+    ours = dg.c2st(x, y, seed=7)
+    assert ours == float(namespace["c2st"](x, y, seed=7)[0])
+    assert 0.6 < ours < 0.95  # a case where the folds and the fit matter
+    assert dg.c2st(x, y, scoring="roc_auc") == float(namespace["c2st_auc"](x, y)[0])
