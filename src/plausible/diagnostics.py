@@ -217,8 +217,9 @@ def c2st(
 
     ``classifier="rf"`` is a faster variant that is **not** the sbibm metric:
     ``RandomForestClassifier(n_estimators=50, min_samples_leaf=5, max_samples=0.5,
-    random_state=seed)`` on the same folds. Its values are on the same scale (0.5 = indistinguishable) but differ
-    from the MLP's for the same pair of sets; do not mix the two in one comparison.
+    random_state=seed)`` on the same folds. Its values are on the same scale
+    (0.5 = indistinguishable) but differ from the MLP's for the same pair of sets; do not mix
+    the two in one comparison.
 
     Arguments:
         x, y: Sample sets ``(N_x, D)`` and ``(N_y, D)`` (``N_x`` and ``N_y`` may differ; sbibm
