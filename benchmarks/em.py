@@ -54,6 +54,7 @@ MANIFOLD_CONFIG: dict[str, Any] = {
     "eval_steps": 64,
     "target_ratio": 0.1,
     "target_lap": 8,
+    "accept_box": None,  # train on posterior samples inside [-b, b]^5 only (Rozet et al.: 3)
 }
 
 QUICK = {"n_obs": 2048, "laps": 3, "training": {"steps": 300, "batch_size": 256, "lr": 1e-3,
@@ -164,6 +165,8 @@ def manifold_experiment(config: dict[str, Any], seed: int = 0, tag: str = "em_ma
                     gaussian_iterations=config["gaussian_iterations"], gaussian_rank="dense",
                     sampling=config["sampling"], training=config["training"],
                     out=out_dir / "run", metric=metric, seed=seed, resume=resume,
+                    accept=(None if config["accept_box"] is None else
+                            lambda x: (x.abs() < config["accept_box"]).all(1)),
                     progress=False)
     total = time.perf_counter() - tick
     resumed = [r["lap"] for r in result.laps if r["lap"] not in {row["lap"] for row in rows}]
@@ -179,7 +182,7 @@ def manifold_experiment(config: dict[str, Any], seed: int = 0, tag: str = "em_ma
     per_lap.sort(key=lambda p: p[0])
     for row, record in zip(rows, result.laps):
         for key in ("sinkhorn", "sliced_w2", "posterior_error", "eval_seconds", "loss",
-                    "sampling_seconds", "training_seconds", "solver_iterations"):
+                    "sampling_seconds", "training_seconds", "solver_iterations", "accepted"):
             if key in record:
                 row[key] = record[key]
     gaussian_div = rows[0]["sinkhorn"]
@@ -234,6 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--laps", type=int, default=None, help="override the number of laps")
+    parser.add_argument("--maxiter", type=int, default=None,
+                        help="MMPS solver iterations (default 1; 0 means converged)")
+    parser.add_argument("--accept-box", type=float, default=None,
+                        help="train each lap only on posterior samples inside [-b, b]^5")
+    parser.add_argument("--tag", default=None, help="name of the outputs (default em_<exp>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in results/<tag>/run (e.g. with more --laps)")
     args = parser.parse_args(argv)
@@ -243,7 +251,12 @@ def main(argv: list[str] | None = None) -> None:
         config.update(QUICK)
     if args.laps is not None:
         config["laps"] = args.laps
-    tag = f"em_{args.experiment}" + ("_quick" if args.quick else "")
+    if args.maxiter is not None:
+        config["sampling"] = {**config["sampling"],
+                              "maxiter": None if args.maxiter == 0 else args.maxiter}
+    if args.accept_box is not None:
+        config["accept_box"] = args.accept_box
+    tag = args.tag or f"em_{args.experiment}" + ("_quick" if args.quick else "")
     payload = EXPERIMENTS[args.experiment](config, seed=args.seed, tag=tag, resume=args.resume)
     payload["machine"] = info
     payload["machine"]["note"] = "shared 2-core machine: other jobs ran at the same time"

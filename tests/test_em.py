@@ -384,3 +384,36 @@ def test_bad_input_is_reported():
         em.fit(prior, obs, laps=1, training={"checkpoint": "x"}, progress=False)
     with pytest.raises(ValueError, match="expected a batch of 4"):
         A(torch.zeros(3, 5))
+
+
+def test_accept_trains_on_the_accepted_samples_only():
+    """With ``accept``, the M-step sees only the accepted posterior samples (here: the
+    refitted Gaussian's mean is exactly the mean of the accepted ones), the metric still
+    gets all of them, and the accepted fraction is logged; rejecting all is an error."""
+    D, N = 3, 512
+    prior = random_gaussian(D, 20)
+    g = torch.Generator().manual_seed(21)
+    obs = em.Observations.simulate(prior.sample(N, generator=g), projections(N, 2, D, 22),
+                                   0.1, generator=g)
+    seen = {}
+
+    def metric(lap, current, samples):
+        if samples is not None:
+            seen["x"] = samples
+        return {}
+
+    result = em.fit(prior, obs, laps=1, gaussian=prior, accept=lambda x: x[:, 0] > 0,
+                    sampling={"steps": 8, "maxiter": None, "batch_size": 512}, metric=metric,
+                    progress=False)
+    x = seen["x"]
+    assert x.shape == (N, D)
+    kept = x[x[:, 0] > 0]
+    assert 0 < len(kept) < N
+    assert result.laps[1]["accepted"] == pytest.approx(len(kept) / N)
+    assert torch.allclose(result.prior.mean, kept.double().mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="rejected every posterior sample"):
+        em.fit(prior, obs, laps=1, gaussian=prior, accept=lambda x: x[:, 0] > 1e9,
+               sampling={"steps": 4, "batch_size": 512}, progress=False)
+    with pytest.raises(ValueError, match="booleans of shape"):
+        em.fit(prior, obs, laps=1, gaussian=prior, accept=lambda x: x[:, 0],
+               sampling={"steps": 4, "batch_size": 512}, progress=False)

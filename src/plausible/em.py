@@ -1167,6 +1167,7 @@ def fit(
     resume: bool = False,
     metric: Callable[[int, Denoiser, Tensor | None], dict[str, Any]] | None = None,
     keep_samples: bool = False,
+    accept: Callable[[Tensor], Tensor] | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> EMResult:
@@ -1196,6 +1197,11 @@ def fit(
             are the lap's posterior samples, ``None`` at lap 0); its values are logged.
         keep_samples: Keep each lap's posterior samples in its folder (else deleted once
             the lap is complete).
+        accept: ``accept(x) -> (N,)`` booleans: the M-step trains only on the accepted
+            posterior samples (e.g. ``lambda x: (x.abs() < 3).all(1)``, the box Rozet et al.
+            keep on the toy manifold, which drops the rare far-off samples of a converged
+            MMPS solve). ``metric`` still receives all samples; the accepted fraction is
+            logged.
         seed: Seed of the Gaussian initialisation, the samples and the training.
         progress: Progress bars.
 
@@ -1332,6 +1338,16 @@ def fit(
                 _save_samples(samples_path, x)
         record["sampling_seconds"] = time.perf_counter() - tick
         tick = time.perf_counter()
+        x_all = x
+        if accept is not None:
+            keep = torch.as_tensor(accept(x), device=x.device)
+            if keep.shape != (len(x),) or keep.dtype != torch.bool:
+                raise ValueError(f"accept(x) must return booleans of shape ({len(x)},), got "
+                                 f"{tuple(keep.shape)} of dtype {keep.dtype}")
+            if not bool(keep.any()):
+                raise ValueError(f"accept(x) rejected every posterior sample of lap {lap}")
+            x = x[keep]
+            record["accepted"] = float(keep.double().mean())
         if is_gaussian:
             prior = fit_gaussian(x, prior).to(_device(prior))
         else:
@@ -1345,7 +1361,7 @@ def fit(
         record["training_seconds"] = time.perf_counter() - tick
         current = prior
         if metric is not None:
-            record.update(_json_metrics(metric(lap, prior, x)))
+            record.update(_json_metrics(metric(lap, prior, x_all)))
         finish(lap, prior, record)
     return EMResult(prior=prior, gaussian=gauss, gaussian_log_likelihood=log_lik,
                     laps=records, out=run)
