@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test-trajectories", type=int, default=4)
     p.add_argument("--length", type=int, default=9, help="assimilated trajectory length L")
     # training
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128])
@@ -74,7 +74,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=2, help="posterior samples per trajectory")
     p.add_argument("--sampling-steps", type=int, default=64)
     p.add_argument("--maxiter", type=int, default=3, help="MMPS GMRES iterations")
-    p.add_argument("--zetas", type=float, nargs="+", default=[0.3, 1.0, 3.0],
+    p.add_argument("--sampler", default="ddpm", help="plausible.sample's sampler")
+    p.add_argument("--tau", type=float, default=0.5, help="Langevin factor of 'pc' (SDA: 0.5)")
+    p.add_argument("--grid", default="logsnr", help="time grid of the sampler")
+    p.add_argument("--zetas", type=float, nargs="+", default=[3.0, 10.0],
                    help="DPS guidance scales (Chung's normalised step); one row each")
     p.add_argument("--truths", type=int, default=3, help="test trajectories assimilated")
     p.add_argument("--first", type=int, default=0, help="index of the first of them")
@@ -254,8 +257,8 @@ def assimilate(args: argparse.Namespace, folder: Path, window: plausible.Denoise
                 post = posterior(method, prior, obs, args)
                 t0 = time.perf_counter()
                 samples = plausible.sample(post, args.samples, steps=args.sampling_steps,
-                                           sampler="ddpm", seed=args.seed + 100 + i,
-                                           progress=False)
+                                           sampler=args.sampler, grid=args.grid, tau=args.tau,
+                                           seed=args.seed + 100 + i, progress=False)
                 seconds += time.perf_counter() - t0
                 vjps += post.stats["vjps"]
                 residuals.append((A(samples) - y).flatten(1))
@@ -292,7 +295,8 @@ def assimilate(args: argparse.Namespace, folder: Path, window: plausible.Denoise
     payload = {
         "machine": info, "data": data, "training": training,
         "settings": {"length": L, "order": ORDER, "samples_per_truth": args.samples,
-                     "truths": int(test.shape[0]), "first_truth": args.first, "sampler": "ddpm",
+                     "truths": int(test.shape[0]), "first_truth": args.first,
+                     "sampler": args.sampler, "grid": args.grid, "tau": args.tau,
                      "sampling_steps": args.sampling_steps, "mmps_maxiter": args.maxiter,
                      "dps_zetas": args.zetas, "dps_normalize": True, "sigma_y": sigma_y,
                      "vorticity_std": std,
@@ -308,10 +312,10 @@ def assimilate(args: argparse.Namespace, folder: Path, window: plausible.Denoise
 def _plot(name: str, plots: dict[str, Tensor], L: int) -> str:
     """Truth / observation / posterior samples of the first test trajectory, one row each."""
     images, titles = [], []
-    for name, fields in plots.items():
+    for label, fields in plots.items():
         fields = fields.reshape(-1, *fields.shape[-2:])
         images.append(fields)
-        titles += [f"{name} t={i % L}" if i % L == 0 else "" for i in range(fields.shape[0])]
+        titles += [f"{label} t={i % L}" if i % L == 0 else "" for i in range(fields.shape[0])]
     grid = torch.cat(images)[:, None]
     path = RESULTS / f"{name}.png"
     vmax = float(plots["truth"].abs().max())
