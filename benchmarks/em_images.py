@@ -21,7 +21,9 @@ Usage::
     nice python benchmarks/em_images.py --experiment mnist [--quick] [--seed 0] [--threads 1]
     nice python benchmarks/em_images.py --experiment mri [--quick]
 
-Outputs ``results/em_<experiment>[_quick].json`` and PNG figures next to it.
+(or ``python benchmarks/em.py --experiment mnist|mri ...``, which runs this script).
+Outputs ``results/em_<experiment>[_quick][_<pct>].json``, PNG figures next to it and the trained
+priors under ``results/em_<experiment>..._models/`` (``plausible.load`` reads them).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plausible  # noqa: E402
 from _common import RESULTS, setup, write_json  # noqa: E402
 from plausible import em  # noqa: E402
+from plausible.checkpoints import save_model  # noqa: E402
 from plausible.nets import UNet  # noqa: E402
 from plausible.plots import image_grid  # noqa: E402
 from plausible.tasks import mnist as mnist_task  # noqa: E402
@@ -176,6 +179,7 @@ def mnist_experiment(config: dict[str, Any], seed: int = 0, tag: str = "em_mnist
     clean_x = prior_samples(clean, seed + 999)
     out["clean"] = {"fd": fd(clean_x), "seconds": time.perf_counter() - t0,
                     "steps": total_steps}
+    save_model(clean, RESULTS / f"{tag}_models" / "clean")
     print(f"clean prior ({total_steps} steps): FD {out['clean']['fd']:.3f}", flush=True)
 
     out["runs"] = {}
@@ -208,6 +212,7 @@ def mnist_experiment(config: dict[str, Any], seed: int = 0, tag: str = "em_mnist
                         gaussian_iterations=config["gaussian_iterations"],
                         sampling=config["sampling"], training=training, metric=metric,
                         seed=seed, progress=progress)
+        save_model(result.prior, RESULTS / f"{tag}_models" / f"em_{pct}")
         grid.append(("clean prior", clean_x))
         images, titles = _rows(grid, 10)
         path = RESULTS / f"{tag}_{pct}.png"
@@ -308,6 +313,7 @@ def mri_experiment(config: dict[str, Any], seed: int = 0, tag: str = "em_mri",
                     seed=seed, progress=progress)
     out["em"] = {"laps": [{k: v for k, v in r.items() if k != "log_likelihood"}
                           for r in result.laps], "seconds": time.perf_counter() - t0}
+    save_model(prior, RESULTS / f"{tag}_models" / "em")
 
     # posterior reconstructions of the held-out slices with the EM prior (MMPS)
     t0 = time.perf_counter()
@@ -359,6 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deleted", type=float, nargs="+", default=None,
                         help="mnist: the deleted fractions to run (default: 0.75 0.5); the "
                              "output name gets their percentages when given")
+    parser.add_argument("--laps", type=int, default=None,
+                        help="EM laps (default: the configuration's; MNIST's clean prior gets "
+                             "laps x steps training steps)")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
     info = setup(args.threads, args.seed)
@@ -366,14 +375,19 @@ def main(argv: list[str] | None = None) -> None:
     tag = f"em_{args.experiment}" + ("_quick" if args.quick else "")
     if args.experiment == "mnist":
         config = copy.deepcopy(MNIST_QUICK if args.quick else MNIST_CONFIG)
+        if args.laps is not None:
+            config["laps"] = args.laps
         if args.deleted:
             config["deleted"] = list(args.deleted)
             tag += "_" + "_".join(str(round(100 * d)) for d in args.deleted)
         payload = mnist_experiment(config, args.seed, tag, args.progress)
     else:
         config = copy.deepcopy(MRI_QUICK if args.quick else MRI_CONFIG)
+        if args.laps is not None:
+            config["laps"] = args.laps
         payload = mri_experiment(config, args.seed, tag, args.progress)
     payload["machine"] = info
+    payload["machine"]["note"] = "shared 2-core machine: other jobs ran at the same time"
     payload["command"] = " ".join(["python", "benchmarks/em_images.py", *(argv or sys.argv[1:])])
     path = write_json(tag, payload)
     print(f"wrote {path} ({payload['seconds']:.0f} s)")
