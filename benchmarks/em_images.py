@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     info = setup(args.threads, args.seed)
     torch.set_flush_denormal(True)
-    tag = f"em_{args.experiment}" + ("_quick" if args.quick else "")
+    tag = f"em_{args.experiment}" + ("_quick" if args.quick else "") \
+        + (f"_laps{args.laps}" if args.laps is not None else "")
     if args.experiment == "mnist":
         config = copy.deepcopy(MNIST_QUICK if args.quick else MNIST_CONFIG)
         if args.laps is not None:
