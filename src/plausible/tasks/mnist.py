@@ -335,7 +335,8 @@ def train_classifier(
     features: int = 128,
 ) -> Classifier:
     """Trains a :class:`Classifier` with Adam and cross-entropy on ``images`` ``(N, 1, 28,
-    28)`` in [-1, 1] and ``labels`` ``(N,)``; returns it in eval mode."""
+    28)`` in [-1, 1] and ``labels`` ``(N,)``; returns it in eval mode. ``seed`` seeds the
+    batch order and (through ``torch.manual_seed``) the initial weights."""
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     generator = torch.Generator().manual_seed(seed)

@@ -21,6 +21,13 @@ centre and random lines or points elsewhere, 4-6x acceleration), applied with
 :class:`plausible.ops.FourierMask`. :func:`zero_filled` is the classical baseline
 :math:`A^\top y = \operatorname{Re} \mathcal{F}^{-1}(m \odot y)`; :func:`psnr` and
 :func:`ssim` score reconstructions against the truth.
+
+Empirical Bayes: in the real orthonormal Fourier basis (:func:`real_fourier`) every k-space
+mask is a selection, so a Gaussian prior with a free mean image and a covariance diagonal in
+that basis (:class:`FourierGaussian`) has closed-form posteriors and evidence, and
+:func:`fourier_gaussian_em` fits it exactly from the observations: the lap 0 of
+:func:`plausible.em.fit` on MRI data (``gaussian=...denoiser()``, an FFT-based exact
+denoiser).
 """
 
 from __future__ import annotations
