@@ -831,7 +831,9 @@ class _SpaceMixin:
         from .sampling import sample
 
         kwargs.setdefault("progress", False)
-        z = sample(self, n, steps=steps, sampler=sampler, **kwargs)  # type: ignore[arg-type]
+        # sampled through a wrapper without `decode`, so that z is decoded exactly once even
+        # if plausible.sample learns to decode denoisers that define it
+        z = sample(_Bare(self), n, steps=steps, sampler=sampler, **kwargs)  # type: ignore
         return self.decode(z)
 
     def log_prob(self, theta: Tensor, steps: int = 128, exact: bool | None = None,
@@ -846,6 +848,19 @@ class _SpaceMixin:
         if model is None:  # an IIDPosterior without a model: the sampling space is theta's
             return logp
         return logp - model.log_abs_det(z.to(_F64)).to(_F64)
+
+
+class _Bare(Denoiser):
+    """The same denoiser seen as a plain :class:`Denoiser` of the sampling space."""
+
+    def __init__(self, inner: Denoiser) -> None:
+        super().__init__()
+        self.inner = inner
+        self.schedule = inner.schedule
+        self.shape = inner.shape
+
+    def forward(self, x_t: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+        return self.inner(x_t, t, **cond)
 
 
 class AmortizedPosterior(_SpaceMixin, Denoiser):
