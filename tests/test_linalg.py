@@ -411,3 +411,60 @@ def test_default_maxiter_is_N(solver):
     matvec, calls = batched(K)
     sol = SOLVERS[solver](matvec, b, tol=0.0)
     assert sol.iterations == calls["n"] <= N
+
+
+# --------------------------------------------------------------------------- curvature test
+
+
+def _noise_plus_prior(B: int, N: int, g: torch.Generator, negative: float):
+    """K = S + P with S = diag(s) > 0 (the noise part) and P symmetric with one eigenvalue
+    ``negative`` (P is PSD when negative >= 0)."""
+    s = 0.05 + torch.rand(B, N, generator=g, dtype=F64)
+    Q, _ = torch.linalg.qr(torch.randn(B, N, N, generator=g, dtype=F64))
+    lam = torch.rand(B, N, generator=g, dtype=F64) * 3
+    lam[:, 0] = negative
+    P = (Q * lam[:, None, :]) @ Q.transpose(1, 2)
+    K = torch.diag_embed(s) + (P + P.transpose(1, 2)) / 2
+    return K, s
+
+
+@pytest.mark.parametrize("solver", ["cg", "gmres", "gmres-restart3"])
+def test_curvature_bound_never_triggers_on_a_valid_system(solver):
+    g = torch.Generator().manual_seed(3)
+    B, N = 6, 20
+    K, s = _noise_plus_prior(B, N, g, negative=0.0)  # P is PSD (one zero eigenvalue)
+    b = torch.randn(B, N, generator=g, dtype=F64)
+    matvec, _ = batched(K)
+    plain = SOLVERS[solver](matvec, b, tol=1e-12, maxiter=200)
+    bounded = SOLVERS[solver](matvec, b, tol=1e-12, maxiter=200,
+                              floor=lambda p: s * p)
+    assert plain.truncated is None
+    assert not bool(bounded.truncated.any())
+    torch.testing.assert_close(bounded.x, plain.x, rtol=0, atol=0)
+    assert float(true_residual(K, bounded.x, b).max()) < 1e-10
+
+
+@pytest.mark.parametrize("solver", ["cg", "gmres"])
+def test_curvature_bound_truncates_an_indefinite_system(solver):
+    # P has a negative eigenvalue close to -s: K is nearly singular, its exact solution is
+    # huge, and the bound (K >= S) is violated along that direction
+    g = torch.Generator().manual_seed(4)
+    B, N = 8, 20
+    K, s = _noise_plus_prior(B, N, g, negative=-1.0)
+    b = torch.randn(B, N, generator=g, dtype=F64)
+    matvec, _ = batched(K)
+    out = SOLVERS[solver](matvec, b, tol=1e-12, maxiter=N, floor=lambda p: s * p)
+    assert bool(out.truncated.all()) and not bool(out.converged.any())
+    # the truncated solution lives where K behaves: |x| <= |b| / min(s) (a Krylov solution
+    # in a subspace on which K >= S), and it still reduces the residual
+    assert bool((out.x.norm(dim=1) <= b.norm(dim=1) / s.min(1).values).all())
+    assert float(true_residual(K, out.x, b).max()) < 1.0
+    # an element whose system is valid is not affected by its neighbours' truncation
+    K_ok, s_ok = _noise_plus_prior(1, N, g, negative=0.5)
+    K2, s2 = torch.cat([K[:1], K_ok]), torch.cat([s[:1], s_ok])
+    b2 = b[:2]
+    matvec2, _ = batched(K2)
+    mixed = SOLVERS[solver](matvec2, b2, tol=1e-12, maxiter=200,
+                            floor=lambda p: s2 * p)
+    assert mixed.truncated.tolist() == [True, False]
+    assert float(true_residual(K2[1:], mixed.x[1:], b2[1:]).max()) < 1e-10

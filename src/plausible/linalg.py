@@ -38,6 +38,8 @@ class Solution:
         residual: Relative residual norms :math:`\\|b - Kx\\| / \\|b\\|`, shape ``(B,)``
             (as tracked by the recurrence), float64.
         converged: Whether each element reached the tolerance, shape ``(B,)``.
+        truncated: Whether each element's solve was stopped by the curvature test (only
+            when a ``floor`` was given; else ``None``), shape ``(B,)``.
     """
 
     x: Tensor
@@ -45,6 +47,7 @@ class Solution:
     iterations: int
     residual: Tensor
     converged: Tensor
+    truncated: Tensor | None = None
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -55,6 +58,22 @@ def _split(out: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
     if isinstance(out, tuple):
         return out[0].to(torch.float64), out[1]
     return out.to(torch.float64), None
+
+
+Floor = Callable[[Tensor], Tensor]
+
+# relative slack of the curvature tests, far above rounding, far below any real violation
+_CURVATURE_SLACK = 1e-6
+
+
+def _curvature_ok(
+    floor: Floor | None, p: Tensor, pKp: Tensor, dtype: torch.dtype
+) -> Tensor | None:
+    r"""``p^T K p >= p^T N p (1 - slack)`` per batch element, or ``None`` without a floor."""
+    if floor is None:
+        return None
+    bound = _dot(floor(p.to(dtype)).to(torch.float64), p)
+    return pKp >= bound - _CURVATURE_SLACK * bound.abs()
 
 
 def _check(b: Tensor, tol: float, maxiter: int | None) -> int:
@@ -91,6 +110,7 @@ def cg(
     tol: float = 1e-6,
     maxiter: int | None = None,
     x0: Tensor | None = None,
+    floor: Floor | None = None,
 ) -> Solution:
     r"""Conjugate gradient for symmetric positive-definite :math:`K`.
 
@@ -101,6 +121,13 @@ def cg(
         maxiter: Maximum number of iterations (default ``N``).
         x0: Initial guess ``(B, N)`` (default zero); costs one more ``matvec``, counted in
             ``iterations`` but not against ``maxiter``.
+        floor: Optional :math:`v \mapsto N v` for a known symmetric :math:`N` with
+            :math:`K - N \succeq 0`, e.g. :math:`N = \Sigma_y` for :math:`K = \Sigma_y + A V
+            A^\top` with :math:`V \succeq 0`. An element whose search direction ``p`` has
+            :math:`p^\top K p < p^\top N p` (a matrix that is not what it should be, such as
+            a learned Tweedie covariance with negative directions) stops before that step,
+            like truncated CG (Steihaug) stops at negative curvature;
+            :attr:`Solution.truncated` tells which.
 
     Returns:
         A :class:`Solution`.
@@ -114,6 +141,7 @@ def cg(
     rr = _dot(r, r)
     active = rr.sqrt() > tol * bnorm
     active &= bnorm > 0
+    truncated = torch.zeros_like(active)
     for _ in range(maxiter):
         if not bool(active.any()):
             break
@@ -121,6 +149,10 @@ def cg(
         iterations += 1
         pKp = _dot(p, Kp)
         ok = active & (pKp > 0) & torch.isfinite(pKp)
+        bounded = _curvature_ok(floor, p, pKp, b.dtype)
+        if bounded is not None:
+            truncated |= active & ~bounded
+            ok &= bounded
         step = torch.where(ok, rr / torch.where(ok, pKp, 1.0), 0.0)
         x = x + step[:, None] * p
         if Gp is not None:
@@ -140,6 +172,7 @@ def cg(
         iterations=iterations,
         residual=residual,
         converged=residual <= tol,
+        truncated=truncated if floor is not None else None,
     )
 
 
@@ -150,9 +183,11 @@ def gmres(
     maxiter: int | None = None,
     restart: int | None = None,
     x0: Tensor | None = None,
+    floor: Floor | None = None,
 ) -> Solution:
-    r"""Restarted GMRES (Arnoldi with classical Gram-Schmidt applied twice, Givens rotations) for any
-    non-singular :math:`K` (a learned Tweedie Jacobian is not exactly symmetric).
+    r"""Restarted GMRES (Arnoldi with classical Gram-Schmidt applied twice, Givens
+    rotations) for any non-singular :math:`K` (a learned Tweedie Jacobian is not exactly
+    symmetric).
 
     Arguments:
         matvec: :math:`v \mapsto K v` (or :math:`(K v, G v)`), on ``(B, N)`` tensors.
@@ -164,6 +199,11 @@ def gmres(
             ``matvec`` for the new residual.
         x0: Initial guess ``(B, N)`` (default zero); costs one more ``matvec``, counted in
             ``iterations`` but not against ``maxiter``.
+        floor: Optional :math:`v \mapsto N v` with :math:`K - N \succeq 0` (see :func:`cg`).
+            After each iteration the projection :math:`V_k^\top (K - N) V_k` (the
+            Hessenberg matrix minus :math:`V_k^\top N V_k`) must have a positive
+            semi-definite symmetric part; an element where it does not keeps the solution
+            of the previous Krylov space and stops (:attr:`Solution.truncated`).
 
     Returns:
         A :class:`Solution`.
@@ -171,6 +211,7 @@ def gmres(
     maxiter = _check(b, tol, maxiter)
     f64 = torch.float64
     B = b.shape[0]
+    truncated = torch.zeros(B, dtype=torch.bool, device=b.device)
     b64 = b.to(f64)
     bnorm = b64.norm(dim=1)
     x, r, aux, iterations = _start(matvec, b, x0)
@@ -180,18 +221,19 @@ def gmres(
         restart = 32
     m_max = max(1, min(restart, maxiter))
     scale = torch.where(bnorm > 0, bnorm, 1.0)
-    while iterations - start_cost < maxiter and bool(((rnorm > tol * bnorm) & (bnorm > 0)).any()):
+    def unfinished() -> Tensor:
+        return (rnorm > tol * bnorm) & (bnorm > 0) & ~truncated
+
+    while iterations - start_cost < maxiter and bool(unfinished().any()):
         if iterations > start_cost:  # restart: fresh residual
             Kx, _ = _split(matvec(x.to(b.dtype)))
             iterations += 1
             r = b64 - Kx
             rnorm = r.norm(dim=1)
-            if iterations - start_cost >= maxiter or not bool(
-                ((rnorm > tol * bnorm) & (bnorm > 0)).any()
-            ):
+            if iterations - start_cost >= maxiter or not bool(unfinished().any()):
                 break
         m = min(m_max, maxiter - (iterations - start_cost))
-        active = (rnorm > tol * bnorm) & (bnorm > 0)
+        active = unfinished()
         V = torch.empty(m + 1, B, b.shape[1], dtype=f64, device=b.device)
         V[0] = r / torch.where(rnorm > 0, rnorm, 1.0)[:, None]
         G: list[Tensor] = []
@@ -201,6 +243,9 @@ def gmres(
         # the product of the Givens rotations so far, applied to each new column by one
         # batched product (instead of a Python loop over the previous rotations)
         Qt = torch.eye(m + 1, dtype=f64, device=b.device).expand(B, m + 1, m + 1).clone()
+        if floor is not None:  # the projections of K (unrotated) and N on the Krylov basis
+            H = torch.zeros(B, m, m, dtype=f64, device=b.device)
+            S = torch.zeros(B, m, m, dtype=f64, device=b.device)
         k = 0
         for j in range(m):
             w, Gv = _split(matvec(V[j].to(b.dtype)))
@@ -216,6 +261,18 @@ def gmres(
             w = w - torch.einsum("bk,kbn->bn", again, basis)
             h = torch.empty(B, j + 2, dtype=f64, device=b.device)
             h[:, : j + 1] = coef + again
+            if floor is not None:
+                # V_k^T (K - N) V_k must be PSD (symmetric part) in exact arithmetic
+                Nv = floor(V[j].to(b.dtype)).to(f64)
+                S[:, : j + 1, j] = torch.einsum("kbn,bn->bk", V[: j + 1], Nv)
+                S[:, j, : j + 1] = S[:, : j + 1, j]
+                H[:, : j + 1, j] = h[:, : j + 1]
+                P = H[:, : j + 1, : j + 1] - S[:, : j + 1, : j + 1]
+                low = torch.linalg.eigvalsh((P + P.transpose(1, 2)) / 2)[:, 0]
+                scale = torch.diagonal(S[:, : j + 1, : j + 1], dim1=1, dim2=2).abs().amax(1)
+                bounded = low >= -_CURVATURE_SLACK * scale
+                truncated |= active & ~bounded
+                active = active & bounded
             h[:, j + 1] = w.norm(dim=1)
             V[j + 1] = w / torch.where(h[:, j + 1] > 0, h[:, j + 1], 1.0)[:, None]
             if j > 0:  # previous rotations
@@ -256,4 +313,5 @@ def gmres(
         iterations=iterations,
         residual=residual,
         converged=residual <= tol,
+        truncated=truncated if floor is not None else None,
     )

@@ -132,13 +132,21 @@ class MMPS(ZeroShotPosterior):
             the same shape. It costs one more product per call and changes nothing but the
             iteration count of a converged solve; measured on Gaussian problems it saved
             fewer than one iteration per call, hence off by default.
+        safeguard: Stop the solve of a batch element at the first Krylov direction ``p``
+            along which the prior part has negative curvature,
+            :math:`p^\top A V A^\top p < 0` (i.e. :math:`p^\top K p < p^\top \Sigma_y p`),
+            keeping the solution of the directions before it (truncated CG / GMRES). A true
+            Tweedie covariance is positive semi-definite, so this never triggers with an
+            exact prior; with a learned prior it keeps a converged solve from following the
+            network's spurious negative directions (see below).
 
-    With a learned prior, cap the solve: ``maxiter=1..8`` (published runs use 1 to 5
-    iterations). The Tweedie covariance :math:`\frac{\sigma_t^2}{\alpha_t} J` multiplies the
-    network Jacobian's errors by up to :math:`1/\alpha_t` at high noise, the system can become
-    indefinite, and a converged solve then follows those errors (measured in BENCHMARKS.md:
-    variance errors of 10^3-10^4 times the Monte-Carlo floor converged, 1.3x with 8 GMRES
-    iterations). With exact priors (and tests) a converged solve is exact.
+    With a learned prior, the Tweedie covariance :math:`\frac{\sigma_t^2}{\alpha_t} J`
+    multiplies the network Jacobian's errors by up to :math:`1/\alpha_t` at high noise and
+    the system can become indefinite; a converged solve without the safeguard then follows
+    those errors (measured in BENCHMARKS.md: variance errors of 10^3-10^4 times the
+    Monte-Carlo floor, and diverging Lorenz-63 trajectories). The safeguard truncates such
+    solves; capping them (``maxiter=1..8``, as published runs do with 1 to 5 iterations)
+    also works and bounds the cost. With exact priors (and tests) a converged solve is exact.
 
     Shapes: ``x_t`` ``(B, *S)``, ``t`` ``()`` or ``(B,)``; returns ``(B, *S)`` (detached: the
     output is not differentiable with respect to ``x_t``). :attr:`last_solution` holds the
@@ -153,9 +161,11 @@ class MMPS(ZeroShotPosterior):
         maxiter: int | None = None,
         solver: str = "gmres",
         warm_start: bool = False,
+        safeguard: bool = True,
     ) -> None:
         super().__init__(prior, observations)
         self.warm_start = bool(warm_start)
+        self.safeguard = bool(safeguard)
         self._u_previous: Tensor | None = None
         if solver not in ("cg", "gmres"):
             raise ValueError(f"solver must be 'cg' or 'gmres', got {solver!r}")
@@ -231,8 +241,14 @@ class MMPS(ZeroShotPosterior):
                 or x0.device != b.device:
             x0 = None
         maxiter = self.maxiter if self.maxiter is not None else b.shape[1]
+
+        def noise(u: Tensor) -> Tensor:
+            r""":math:`\Sigma_y u`: the system minus the prior part, which is PSD."""
+            return pack([obs.cov_y(p) for obs, p in zip(self.observations, unpack(u))])
+
         with torch.no_grad():
-            solution = solve(matvec, b, tol=self.tol, maxiter=maxiter, x0=x0)
+            solution = solve(matvec, b, tol=self.tol, maxiter=maxiter, x0=x0,
+                             floor=noise if self.safeguard else None)
         self._u_previous = solution.x.detach() if self.warm_start else None
         self.last_solution = solution
         self.stats["solver_iterations"] += solution.iterations
