@@ -627,7 +627,8 @@ class BatchedMMPS(Denoiser):
     ``B`` systems are solved together by the batched Krylov solvers of
     :mod:`plausible.linalg` (each row stops at its own tolerance). Unobserved entries of
     ``y_i`` carry no residual, so the Krylov iterates stay in the observed entries: the result
-    equals :class:`plausible.MMPS` applied to each problem alone.
+    equals :class:`plausible.MMPS` applied to each problem alone (with ``safeguard=False``:
+    the negative-curvature truncation of MMPS is not applied here).
 
     Arguments:
         prior: The prior denoiser. observations: ``B`` :class:`Observations`.
