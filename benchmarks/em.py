@@ -239,6 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--laps", type=int, default=None, help="override the number of laps")
     parser.add_argument("--maxiter", type=int, default=None,
                         help="MMPS solver iterations (default 1; 0 means converged)")
+    parser.add_argument("--solver", choices=["gmres", "cg"], default=None,
+                        help="MMPS solver (default gmres)")
+    parser.add_argument("--safeguard", action="store_true",
+                        help="truncate MMPS solves at negative curvature")
     parser.add_argument("--accept-box", type=float, default=None,
                         help="train each lap only on posterior samples inside [-b, b]^5")
     parser.add_argument("--tag", default=None, help="name of the outputs (default em_<exp>)")
@@ -254,6 +258,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.maxiter is not None:
         config["sampling"] = {**config["sampling"],
                               "maxiter": None if args.maxiter == 0 else args.maxiter}
+    if args.solver is not None:
+        config["sampling"] = {**config["sampling"], "solver": args.solver}
+    if args.safeguard:
+        config["sampling"] = {**config["sampling"], "safeguard": True}
     if args.accept_box is not None:
         config["accept_box"] = args.accept_box
     tag = args.tag or f"em_{args.experiment}" + ("_quick" if args.quick else "")

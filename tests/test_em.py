@@ -421,3 +421,34 @@ def test_accept_trains_on_the_accepted_samples_only():
     with pytest.raises(ValueError, match="booleans of shape"):
         em.fit(prior, obs, laps=1, gaussian=prior, accept=lambda x: x[:, 0],
                sampling={"steps": 4, "batch_size": 512}, progress=False)
+
+
+def test_safeguard_matches_mmps_and_is_inert_on_exact_priors():
+    """With ``safeguard=True`` (truncated CG at negative curvature of the prior part), the
+    vectorised solve equals plausible.MMPS(safeguard=True) per item on an untrained network
+    prior (where the Tweedie covariance is not positive), and changes nothing with an exact
+    Gaussian prior (whose Tweedie covariance is positive semi-definite)."""
+    if "safeguard" not in inspect.signature(MMPS).parameters:
+        pytest.skip("plausible.MMPS has no safeguard")
+    D, N = 6, 5
+    g = torch.Generator().manual_seed(30)
+    torch.manual_seed(1)
+    net = plausible.Denoiser(plausible.nets.ResMLP(features=D, hidden=32, blocks=1),
+                             shape=(D,)).to(f64)
+    for prior in (net, random_gaussian(D, 31)):
+        A = projections(N, 3, D, 32)
+        obs = em.Observations.simulate(torch.randn(N, D, generator=g, dtype=f64), A, 0.1,
+                                       generator=g)
+        x_t = torch.randn(N, D, generator=g, dtype=f64)
+        t = torch.full((N,), 0.9, dtype=f64)
+        options = {"maxiter": None, "tol": 1e-12, "solver": "cg"}
+        step = em.BatchedMMPS(prior, obs, safeguard=True, **options).step(x_t, t)
+        guarded = step.x_post
+        # the untrained network truncates some rows (2 of 5 here), the exact prior none
+        assert bool(step.solution.truncated.any()) == (prior is net)
+        looped = torch.cat([MMPS(prior, obs.item(i), safeguard=True, **options)(
+            x_t[i:i + 1], t[i:i + 1]) for i in range(N)])
+        assert torch.allclose(guarded, looped, atol=1e-9, rtol=1e-9)
+        if isinstance(prior, GaussianDenoiser):
+            plain = em.BatchedMMPS(prior, obs, safeguard=False, **options)(x_t, t)
+            assert torch.allclose(guarded, plain, atol=1e-12)

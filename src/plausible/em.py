@@ -634,10 +634,15 @@ class BatchedMMPS(Denoiser):
         prior: The prior denoiser. observations: ``B`` :class:`Observations`.
         tol, maxiter, solver: As :class:`plausible.MMPS` (``maxiter=None``: the number of
             entries of one observation).
+        safeguard: Stop each row's solve at the first Krylov direction along which the prior
+            part :math:`A_i V_i A_i^\top` has negative curvature (the ``floor`` of
+            :func:`plausible.linalg.cg` / :func:`~plausible.linalg.gmres` with
+            :math:`\Sigma_i`), as ``plausible.MMPS(safeguard=True)``. Off by default here.
     """
 
     def __init__(self, prior: Denoiser, observations: Observations, tol: float = 1e-6,
-                 maxiter: int | None = None, solver: str = "gmres") -> None:
+                 maxiter: int | None = None, solver: str = "gmres",
+                 safeguard: bool = False) -> None:
         super().__init__()
         if not isinstance(prior, Denoiser):
             raise TypeError(f"prior must be a Denoiser, got {type(prior).__name__}")
@@ -662,6 +667,7 @@ class BatchedMMPS(Denoiser):
         self.register_buffer("y", torch.where(observed, observations.y, 0.0))
         self.register_buffer("var", observations.variance())
         self.tol, self.maxiter, self.solver = float(tol), maxiter, solver
+        self.safeguard = bool(safeguard)
         self.stats = {"calls": 0, "vjps": 0, "solver_iterations": 0}
 
     def forward(self, x_t: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
@@ -696,7 +702,12 @@ class BatchedMMPS(Denoiser):
             b = torch.where(observed, self.y.to(x_hat.dtype) - A(x_hat), 0.0).flatten(1)
             solve = cg if self.solver == "cg" else gmres
             maxiter = self.maxiter if self.maxiter is not None else b.shape[1]
-            solution = solve(matvec, b, tol=self.tol, maxiter=maxiter)
+            if self.safeguard:
+                flat_var = var.flatten(1)
+                solution = solve(matvec, b, tol=self.tol, maxiter=maxiter,
+                                 floor=lambda u: flat_var * u)
+            else:
+                solution = solve(matvec, b, tol=self.tol, maxiter=maxiter)
         self.stats["solver_iterations"] += solution.iterations
         x_post = x_hat if solution.aux is None else x_hat + solution.aux.to(x_hat.dtype)
         return BatchedStep(x_hat=x_hat, x_post=x_post.detach(), solution=solution)
@@ -716,6 +727,7 @@ class SamplingOptions:
         tol: Relative tolerance of the solve. solver: ``"gmres"`` or ``"cg"``.
         batch_size: Observations per vectorised MMPS call.
         grid: The time grid of :func:`plausible.sample`.
+        safeguard: Truncate solves at negative curvature (see :class:`BatchedMMPS`).
     """
 
     steps: int = 64
@@ -725,6 +737,7 @@ class SamplingOptions:
     solver: str = "gmres"
     batch_size: int = 256
     grid: str = "uniform"
+    safeguard: bool = False
 
     @staticmethod
     def of(options: SamplingOptions | dict | None) -> SamplingOptions:
@@ -757,6 +770,7 @@ def posterior_samples(
     solver: str = "gmres",
     batch_size: int = 256,
     grid: str = "uniform",
+    safeguard: bool = False,
     seed: int = 0,
     dtype: torch.dtype | None = None,
     progress: bool = True,
@@ -779,7 +793,8 @@ def posterior_samples(
     for b, lo in enumerate(bar):
         idx = torch.arange(lo, min(lo + batch_size, N))
         obs = observations[idx].to(device)
-        post = BatchedMMPS(prior, obs, tol=tol, maxiter=maxiter, solver=solver)
+        post = BatchedMMPS(prior, obs, tol=tol, maxiter=maxiter, solver=solver,
+                           safeguard=safeguard)
         generator = torch.Generator(device).manual_seed(int(seed) * 1_000_003 + b)
         x = sample(post, len(idx), steps=steps, sampler=sampler, grid=grid,
                    generator=generator, dtype=dtype, progress=False)
@@ -1330,7 +1345,8 @@ def fit(
             x = posterior_samples(
                 current, observations, options.steps, options.sampler,
                 maxiter=options.maxiter, tol=options.tol, solver=options.solver,
-                batch_size=options.batch_size, grid=options.grid, seed=seed * 7919 + lap,
+                batch_size=options.batch_size, grid=options.grid,
+                safeguard=options.safeguard, seed=seed * 7919 + lap,
                 progress=progress, stats=stats,
             )
             current.train(was_training)
@@ -1414,6 +1430,7 @@ class SamplingConfig:
     solver: str = "gmres"
     batch_size: int = 256
     grid: str = "uniform"
+    safeguard: bool = False
 
 
 @dataclass
