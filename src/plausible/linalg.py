@@ -244,7 +244,7 @@ def gmres(
         # batched product (instead of a Python loop over the previous rotations)
         Qt = torch.eye(m + 1, dtype=f64, device=b.device).expand(B, m + 1, m + 1).clone()
         if floor is not None:  # the projections of K (unrotated) and N on the Krylov basis
-            H = torch.zeros(B, m, m, dtype=f64, device=b.device)
+            H = torch.zeros(B, m + 1, m, dtype=f64, device=b.device)
             S = torch.zeros(B, m, m, dtype=f64, device=b.device)
         k = 0
         for j in range(m):
@@ -261,20 +261,20 @@ def gmres(
             w = w - torch.einsum("bk,kbn->bn", again, basis)
             h = torch.empty(B, j + 2, dtype=f64, device=b.device)
             h[:, : j + 1] = coef + again
+            h[:, j + 1] = w.norm(dim=1)
+            V[j + 1] = w / torch.where(h[:, j + 1] > 0, h[:, j + 1], 1.0)[:, None]
             if floor is not None:
                 # V_k^T (K - N) V_k must be PSD (symmetric part) in exact arithmetic
                 Nv = floor(V[j].to(b.dtype)).to(f64)
                 S[:, : j + 1, j] = torch.einsum("kbn,bn->bk", V[: j + 1], Nv)
                 S[:, j, : j + 1] = S[:, : j + 1, j]
-                H[:, : j + 1, j] = h[:, : j + 1]
+                H[:, : j + 2, j] = h  # the column with its subdiagonal entry
                 P = H[:, : j + 1, : j + 1] - S[:, : j + 1, : j + 1]
                 low = torch.linalg.eigvalsh((P + P.transpose(1, 2)) / 2)[:, 0]
-                scale = torch.diagonal(S[:, : j + 1, : j + 1], dim1=1, dim2=2).abs().amax(1)
-                bounded = low >= -_CURVATURE_SLACK * scale
+                size = torch.diagonal(S[:, : j + 1, : j + 1], dim1=1, dim2=2).abs().amax(1)
+                bounded = low >= -_CURVATURE_SLACK * size
                 truncated |= active & ~bounded
                 active = active & bounded
-            h[:, j + 1] = w.norm(dim=1)
-            V[j + 1] = w / torch.where(h[:, j + 1] > 0, h[:, j + 1], 1.0)[:, None]
             if j > 0:  # previous rotations
                 h = torch.einsum("bik,bk->bi", Qt[:, : j + 2, : j + 2], h)
             denom = torch.sqrt(h[:, j] ** 2 + h[:, j + 1] ** 2)
