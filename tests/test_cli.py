@@ -120,7 +120,9 @@ def test_posterior_errors_units():
 def test_demo_list(capsys):
     assert cli.main(["demo", "--list"]) == 0
     out = capsys.readouterr().out
-    assert "gaussian" in out and "(default)" in out
+    assert "gaussian" in out and "mixture" in out
+    default = [line for line in out.splitlines() if "(default)" in line]
+    assert len(default) == 1 and default[0].startswith("lorenz")
 
 
 def test_no_command_prints_help(capsys):
