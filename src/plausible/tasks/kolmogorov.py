@@ -71,8 +71,8 @@ def vorticity_to_velocity(omega: Tensor) -> Tensor:
     velocity, which the vorticity does not determine, is set to zero).
 
     Arguments:
-        omega: Vorticity ``(..., N, N)`` indexed ``(y, x)`` (for states ``(..., 1, N, N)`` the
-            channel axis is kept as the leading axis of the result's pair).
+        omega: Vorticity ``(..., N, N)`` indexed ``(y, x)`` (for states ``(..., 1, N, N)``
+            use :meth:`KolmogorovFlow.velocity`, which drops the channel axis first).
 
     Returns:
         The velocity ``(..., 2, N, N)``: ``[..., 0, :, :]`` is :math:`u` (along x),
