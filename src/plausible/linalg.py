@@ -267,7 +267,7 @@ def gmres(
                 # V_k^T (K - N) V_k must be PSD (symmetric part) in exact arithmetic
                 Nv = floor(V[j].to(b.dtype)).to(f64)
                 S[:, : j + 1, j] = torch.einsum("kbn,bn->bk", V[: j + 1], Nv)
-                S[:, j, : j + 1] = S[:, : j + 1, j]
+                S[:, j, : j + 1] = S[:, : j + 1, j].clone()
                 H[:, : j + 2, j] = h  # the column with its subdiagonal entry
                 P = H[:, : j + 1, : j + 1] - S[:, : j + 1, : j + 1]
                 low = torch.linalg.eigvalsh((P + P.transpose(1, 2)) / 2)[:, 0]
