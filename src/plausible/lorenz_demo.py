@@ -156,7 +156,7 @@ def lorenz_demo(
     mask[obs_index, 0] = True
     y_full = torch.full((LENGTH, 3), float("nan"), dtype=torch.float32)
     y_full[obs_index, 0] = y.float()
-    posterior = MMPS(prior, Observation(y_full, ops.Mask(mask), noise=SIGMA_Y), maxiter=4)
+    posterior = MMPS(prior, Observation(y_full, ops.Mask(mask), noise=SIGMA_Y), maxiter=2)
     start = time.perf_counter()
     x = sample(posterior, samples, steps=steps, sampler="pc", corrections=1, tau=0.25,
                seed=seed + 1, progress=not quiet).to(F64)
@@ -194,7 +194,7 @@ def lorenz_demo(
         "version": _version(),
         "settings": {"samples": samples, "steps": steps, "seed": seed, "length": LENGTH,
                      "observed_every": EVERY, "sigma_y": SIGMA_Y, "order": ORDER,
-                     "sampler": "pc (1 correction, tau 0.25)", "mmps_maxiter": 4,
+                     "sampler": "pc (1 correction, tau 0.25)", "mmps_maxiter": 2,
                      "particles": particles},
         "w1_floor": floor,
         "units": "states standardised as SDA ((x - (0, 0, 25)) / (8, 9, 8.6)); log p(x) in "
