@@ -97,13 +97,18 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
         return draw, settings
     # this file is named sbi.py: its folder must not shadow the peer package
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+    import tempfile
+
     from sbi.inference import NPE, NPSE
+    from torch.utils.tensorboard import SummaryWriter
 
     prior = sbi_prior(task)
+    # sbi logs to ./sbi-logs by default: keep the repository clean
+    writer = SummaryWriter(log_dir=tempfile.mkdtemp(prefix="sbi-logs-"))
     if method == "sbi-npse":
-        inference = NPSE(prior=prior, show_progress_bars=False)
+        inference = NPSE(prior=prior, show_progress_bars=False, summary_writer=writer)
     elif method == "sbi-npe":
-        inference = NPE(prior=prior, show_progress_bars=False)
+        inference = NPE(prior=prior, show_progress_bars=False, summary_writer=writer)
     else:
         raise ValueError(method)
     estimator = inference.append_simulations(theta, y).train()
