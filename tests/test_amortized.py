@@ -414,3 +414,16 @@ def test_trained_npe_recovers_gaussian_linear_posterior():
     tall_mean = tall_var * y5.sum(0) / noise_var
     assert ((xs.mean(0) - tall_mean) / math.sqrt(tall_var)).abs().max() < 0.4
     assert ((xs.std(0) / math.sqrt(tall_var) - 1).abs() < 0.3).all()
+
+
+def test_plausible_sample_returns_theta_for_a_bounded_posterior():
+    """DESIGN's contract: ``plausible.sample(npe.given(y), n)`` gives theta, inside a box
+    prior's support, equal to ``npe.given(y).sample(n)`` with the same seed."""
+    import plausible
+
+    prior = plausible.tasks.sbi.UniformPrior(torch.zeros(2), torch.ones(2))
+    npe = plausible.ConditionalDenoiser.mlp(2, 2, prior=prior)
+    post = npe.given(torch.tensor([0.3, 0.7]))
+    theta = plausible.sample(post, 256, steps=8, seed=3, progress=False)
+    assert bool(((theta > 0) & (theta < 1)).all())
+    torch.testing.assert_close(theta, post.sample(256, steps=8, seed=3))

@@ -99,7 +99,9 @@ def sample(
         cond: Extra keyword arguments passed to every denoiser call.
 
     Returns:
-        Samples of shape ``(n, *denoiser.shape)``.
+        Samples of shape ``(n, *denoiser.shape)``; for a denoiser that defines ``decode`` (one
+        that samples a transformed space, such as ``ConditionalDenoiser.given(y)`` with a
+        bounded prior), ``denoiser.decode(x)``: samples of :math:`\theta`.
     """
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"sample expects a Denoiser, got {type(denoiser).__name__}")
@@ -226,7 +228,10 @@ def sample(
                 f"sampling ({sampler}) produced NaN or infinity at step {i + 1}/{steps} "
                 f"(t = {float(ts[i]):.4g}); check the denoiser or use more steps"
             )
-    return x
+    # denoisers over a transformed space (e.g. an amortized posterior of bounded parameters,
+    # sampled in logit space) map their samples back
+    decode = getattr(denoiser, "decode", None)
+    return decode(x) if callable(decode) else x
 
 
 
