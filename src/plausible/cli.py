@@ -356,7 +356,7 @@ DEMOS: dict[str, tuple[Callable[..., dict[str, Any]], str]] = {
         lambda *args, **kwargs: _lorenz(*args, **kwargs),
         "data assimilation: a Lorenz-63 trajectory (65 states) from 9 noisy observations of "
         "one variable; MMPS with the shipped window prior against a particle smoother "
-        "(about 3 minutes on 2 cores)",
+        "(about a minute on 2 cores)",
     ),
     "gaussian": (
         gaussian_demo,

@@ -209,8 +209,8 @@ def lorenz_demo(
         obs_plot[obs_index, 0] = y
         fig = trajectory_bands(t, x, truth=truth, observations=obs_plot,
                                names=["x (observed)", "y", "z"],
-                               title=f"Lorenz-63: MMPS posterior ({samples} samples) and the "
-                                     f"particle smoother's 90% band (grey)")
+                               title=f"Lorenz-63 posterior: MMPS ({samples} samples), "
+                                     f"reference 90% band dotted")
         band = torch.quantile(ref, torch.tensor([0.05, 0.95], dtype=F64), dim=0)
         for d, ax in enumerate(fig.axes[:3]):
             for q, label in ((band[0], "reference 90%"), (band[1], None)):
