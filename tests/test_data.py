@@ -337,3 +337,25 @@ def test_as_dataset_opens_zarr_paths(tmp_path, big):
     assert len(history["loss"]) == 2
     # what as_dataset accepted before is unchanged
     assert isinstance(as_dataset(torch.randn(4, 2)), TensorData)
+
+
+def test_random_split_is_a_disjoint_cover_and_reproducible():
+    from plausible.data import Subset, TensorData, random_split
+
+    data = TensorData(torch.arange(50.0)[:, None], torch.arange(50)[:, None])
+    train, held = random_split(data, 0.2, torch.Generator().manual_seed(0))
+    assert (len(train), len(held)) == (40, 10)
+    a = train.batch(torch.arange(40))[0].flatten()
+    b = held.batch(torch.arange(10))[0].flatten()
+    assert sorted(torch.cat([a, b]).tolist()) == list(range(50))
+    again = random_split(data, 0.2, torch.Generator().manual_seed(0))[1]
+    assert torch.equal(again.batch(torch.arange(10))[0].flatten(), b)
+    # pairs stay pairs
+    pair = held.batch(torch.arange(10))
+    assert torch.equal(pair[0].flatten().long(), pair[1].flatten())
+    with pytest.raises(ValueError, match=r"must lie in \[0, 50\)"):
+        Subset(data, [0, 50])
+    with pytest.raises(ValueError, match="cannot hold out"):
+        random_split(TensorData(torch.zeros(1, 2)), 0.5)
+    with pytest.raises(ValueError, match="simulator stream"):
+        random_split(SimulatorStream(_prior, _simulator), 0.1)

@@ -92,3 +92,59 @@ def test_torch_compile_trains():
     history = plausible.fit(prior, torch.randn(512, 4), steps=30, batch_size=64, compile=True,
                             progress=False)
     assert len(history["loss"]) == 30
+
+
+class _LinearRegression(torch.nn.Module):
+    """theta ~ W y: with more features than training pairs it interpolates noise (over-fits)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(features, 1)
+
+    def loss(self, theta: torch.Tensor, y: torch.Tensor, **_: object) -> torch.Tensor:
+        return (self.linear(y) - theta).square().mean()
+
+
+def _regression_pairs(n: int, features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, features, generator=g)
+    theta = y[:, :1] + 0.5 * torch.randn(n, 1, generator=g)  # only feature 0 matters
+    return theta, y
+
+
+def test_early_stopping_keeps_the_best_validated_weights():
+    torch.manual_seed(0)
+    train, held_out = _regression_pairs(24, 40, seed=1), _regression_pairs(200, 40, seed=2)
+    model = _LinearRegression(40)
+    history = plausible.fit(model, train, steps=3000, batch_size=24, lr=1e-2, ema=0.0,
+                            decay="constant", warmup=0, validation=held_out, validate_every=10,
+                            log_every=10, patience=5, progress=False)
+    val = history["val_loss"]
+    best = min(range(len(val)), key=val.__getitem__)
+    # it stopped on its own, `patience` validations after the best one ...
+    assert history["stopped"][0] < 3000
+    assert len(val) - 1 - best == 5
+    # ... and ended with the best weights, not the last ones
+    with torch.no_grad():
+        final = float(model.loss(*held_out))
+    assert final == pytest.approx(val[best], rel=1e-6)
+    assert val[-1] > val[best]
+    # training to the end over-fits: the held-out loss is worse than the early-stopped one
+    torch.manual_seed(0)
+    full = _LinearRegression(40)  # the same initial weights
+    plausible.fit(full, train, steps=3000, batch_size=24, lr=1e-2, ema=0.0, decay="constant",
+                  warmup=0, progress=False)
+    with torch.no_grad():
+        assert float(full.loss(*held_out)) > 1.2 * final
+
+
+def test_validation_fraction_holds_out_part_of_the_data():
+    theta, y = _regression_pairs(40, 3, seed=3)
+    history = plausible.fit(_LinearRegression(3), (theta, y), steps=20, batch_size=8, ema=0.0,
+                            validation=0.25, validate_every=5, log_every=5, progress=False)
+    assert history["val_step"] == [5, 10, 15, 20]
+    with pytest.raises(ValueError, match="needs validation"):
+        plausible.fit(_LinearRegression(3), (theta, y), steps=5, patience=2, progress=False)
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\)"):
+        plausible.fit(_LinearRegression(3), (theta, y), steps=5, validation=1.5,
+                      progress=False)

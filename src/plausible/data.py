@@ -15,6 +15,8 @@ Datasets:
   disk, read chunk by chunk with a bounded LRU cache; never loaded whole.
 * :class:`Windows`: windows of ``length`` consecutive states of trajectories ``(N, L, *S)``.
 * :class:`SimulatorStream`: an infinite stream of ``(theta, y)`` pairs simulated on the fly.
+* :class:`Subset`: the items of another dataset at given indices; :func:`random_split` cuts a
+  dataset into a training and a held-out part (``fit(..., validation=0.1)``).
 
 :func:`write_zarr` writes tensors to a zarr store chunked along the first axis.
 """
@@ -36,6 +38,8 @@ from torch import Tensor
 __all__ = [
     "Dataset",
     "TensorData",
+    "Subset",
+    "random_split",
     "ZarrData",
     "Windows",
     "SimulatorStream",
@@ -104,6 +108,54 @@ class TensorData(Dataset):
                      non_blocking=True)
             out.append(b)
         return out[0] if len(out) == 1 else tuple(out)
+
+
+class Subset(Dataset):
+    """The items ``indices`` of ``dataset``, renumbered ``0 .. len(indices) - 1``."""
+
+    def __init__(self, dataset: Dataset, indices: Tensor | Sequence[int]) -> None:
+        if not isinstance(dataset, Dataset):
+            raise TypeError("dataset must be a plausible.data.Dataset, got "
+                            f"{type(dataset).__name__}")
+        indices = torch.as_tensor(indices, dtype=torch.int64).flatten()
+        if indices.numel() == 0:
+            raise ValueError("a Subset needs at least one index")
+        n = len(dataset)
+        if int(indices.min()) < 0 or int(indices.max()) >= n:
+            raise ValueError(f"Subset indices must lie in [0, {n}), got "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
+        self.dataset, self.indices = dataset, indices
+        self.state_shape = dataset.state_shape
+
+    def __len__(self) -> int:
+        return self.indices.numel()
+
+    def batch(
+        self, index: Tensor, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor | tuple[Tensor, ...]:
+        return self.dataset.batch(self.indices[index.cpu()], device=device, dtype=dtype)
+
+
+def random_split(dataset: Dataset, fraction: float,
+                 generator: torch.Generator | None = None) -> tuple[Subset, Subset]:
+    """Splits a finite dataset at random into ``(train, held_out)``, with
+    ``max(1, round(fraction * N))`` held-out items.
+
+    Raises:
+        ValueError: If ``fraction`` is not in (0, 1), or either part would be empty.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    if isinstance(dataset, SimulatorStream):
+        raise ValueError("a simulator stream has no fixed items to hold out: pass validation "
+                         "data explicitly (for example simulated pairs)")
+    n = len(dataset)
+    n_out = max(1, round(fraction * n))
+    if n_out >= n:
+        raise ValueError(f"cannot hold out {n_out} of {n} items and keep some for training")
+    order = torch.randperm(n, generator=generator)
+    return Subset(dataset, order[n_out:]), Subset(dataset, order[:n_out])
 
 
 # ----------------------------------------------------------------------------------------------

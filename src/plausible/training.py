@@ -42,7 +42,7 @@ from .checkpoints import (
     read_checkpoint,
     write_checkpoint,
 )
-from .data import as_dataset
+from .data import as_dataset, random_split
 
 __all__ = ["fit"]
 
@@ -110,6 +110,7 @@ def fit(
     compile: bool = False,
     validation: Any = None,
     validate_every: int | None = None,
+    patience: int | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1000,
     keep: int = 2,
@@ -141,8 +142,16 @@ def fit(
         accumulate: Micro-batches per step (gradient accumulation).
         precision: ``"fp32"`` or ``"bf16"`` (autocast of the loss).
         compile: Compile the loss with ``torch.compile``.
-        validation: Held-out data (same kinds as ``data``); its loss, with the EMA weights and
-            a fixed noise draw, is logged every ``validate_every`` steps.
+        validation: Held-out data (same kinds as ``data``), or a fraction in (0, 1) of
+            ``data`` to hold out at random (seeded by ``seed``); its loss, with the EMA weights
+            and a fixed noise draw (so that losses of different steps compare), is logged every
+            ``validate_every`` steps.
+        validate_every: Steps between validations (default ``checkpoint_every``).
+        patience: Early stopping: stop when the validation loss has not improved for
+            ``patience`` validations in a row, and end with the weights (EMA) of the best
+            validation. Small simulation budgets over-fit a fixed number of steps; this is
+            what guards against it. Needs ``validation``. ``None``: run all ``steps``. (The
+            best weights are kept in memory: a resumed run restarts the count.)
         checkpoint: Run folder for checkpoints and ``metrics.jsonl`` (``None``: none).
         checkpoint_every: Steps between checkpoints (and one at the end).
         keep: Number of step folders kept.
@@ -157,7 +166,8 @@ def fit(
 
     Returns:
         ``{"step": [...], "loss": [...], "val_step": [...], "val_loss": [...]}`` for the steps
-        run by this call (losses averaged over the global batch).
+        run by this call (losses averaged over the global batch); with early stopping also
+        ``"stopped": [step]`` if it stopped before ``steps``.
 
     Raises:
         ValueError: On bad data or arguments; :class:`~plausible.checkpoints.CheckpointError`
@@ -174,11 +184,20 @@ def fit(
         raise ValueError(f"decay must be 'cosine', 'linear' or 'constant', got {decay!r}")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if patience is not None and (validation is None or patience < 1):
+        raise ValueError("patience (early stopping) needs validation data or a held-out "
+                         f"fraction, and must be >= 1; got patience={patience}, "
+                         f"validation={'None' if validation is None else 'given'}")
     dataset = as_dataset(data, getattr(model, "shape", None), "data")
     if getattr(model, "shape", "absent") is None and dataset.state_shape is not None:
         model.shape = tuple(dataset.state_shape)
-    val_set = as_dataset(validation, getattr(model, "shape", None), "validation") \
-        if validation is not None else None
+    if isinstance(validation, float):
+        split_seed = 0 if seed is None else seed
+        dataset, val_set = random_split(dataset, validation,
+                                        torch.Generator().manual_seed(split_seed + 3))
+    else:
+        val_set = as_dataset(validation, getattr(model, "shape", None), "validation") \
+            if validation is not None else None
 
     rank, world = _distributed()
     if batch_size % (world * accumulate):
@@ -254,6 +273,7 @@ def fit(
         metrics.parent.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics, start)
 
+    best_loss, best_state, stale = math.inf, None, 0
     pending: list[Tensor] = []
     tick, seen = time.perf_counter(), 0
     bar = tqdm(range(start, steps), desc="training", disable=not progress or rank != 0,
@@ -312,13 +332,25 @@ def fit(
                 history["val_loss"].append(val)
                 line["val_loss"] = val
                 model.train()
+                if patience is not None:
+                    if val < best_loss:
+                        best_loss, stale = val, 0
+                        best_state = copy.deepcopy((averaged or model).state_dict())
+                    else:
+                        stale += 1
             if metrics is not None:
                 with open(metrics, "a") as f:
                     f.write(json.dumps(line) + "\n")
         if run is not None and rank == 0 and (done % checkpoint_every == 0 or done == steps):
             _save(run, done, model, averaged, optimizer, scheduler, noise_gen, data_gen, options,
                   keep)
-    if averaged is not None:
+        if patience is not None and stale >= patience:
+            history["stopped"] = [float(done)]
+            bar.set_postfix(stopped=f"no improvement for {patience} validations", refresh=True)
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    elif averaged is not None:
         model.load_state_dict(averaged.state_dict())
     model.eval()
     if world > 1:
