@@ -638,11 +638,26 @@ class BatchedMMPS(Denoiser):
             part :math:`A_i V_i A_i^\top` has negative curvature (the ``floor`` of
             :func:`plausible.linalg.cg` / :func:`~plausible.linalg.gmres` with
             :math:`\Sigma_i`), as ``plausible.MMPS(safeguard=True)``. Off by default here.
+        covariance: A :class:`~plausible.GaussianDenoiser` :math:`\mathcal{N}(m, C)` whose
+            exact Tweedie covariance replaces the network's in the solve (Rozet et al.'s
+            ``sigma_x`` heuristic, used in their toy-manifold experiment with the lap-0
+            Gaussian):
+
+            .. math:: (\Sigma_i + A_i V_C A_i^\top) u_i = y_i - A_i \hat{x}_i, \qquad
+                V_C = (C^{-1} + \tfrac{\alpha_t^2}{\sigma_t^2} I)^{-1}, \qquad
+                \mathbb{E}[x_i \mid x_{t,i}, y_i] \approx \hat{x}_i + \tfrac{\sigma_t^2}
+                {\alpha_t} J_i^\top A_i^\top u_i.
+
+            The system is symmetric positive definite and involves no network product, so a
+            converged solve costs nothing more and cannot follow the errors of the network's
+            Jacobian; the update takes one VJP through the prior. With ``covariance`` equal
+            to a Gaussian ``prior`` it is exact MMPS. ``None`` (default): the network's
+            Tweedie covariance.
     """
 
     def __init__(self, prior: Denoiser, observations: Observations, tol: float = 1e-6,
                  maxiter: int | None = None, solver: str = "gmres",
-                 safeguard: bool = False) -> None:
+                 safeguard: bool = False, covariance: GaussianDenoiser | None = None) -> None:
         super().__init__()
         if not isinstance(prior, Denoiser):
             raise TypeError(f"prior must be a Denoiser, got {type(prior).__name__}")
@@ -668,6 +683,14 @@ class BatchedMMPS(Denoiser):
         self.register_buffer("var", observations.variance())
         self.tol, self.maxiter, self.solver = float(tol), maxiter, solver
         self.safeguard = bool(safeguard)
+        if covariance is not None:
+            if not isinstance(covariance, GaussianDenoiser):
+                raise TypeError(f"covariance must be a GaussianDenoiser or None, got "
+                                f"{type(covariance).__name__}")
+            if tuple(covariance.shape) != self.shape:
+                raise ValueError(f"covariance has state shape {tuple(covariance.shape)}, the "
+                                 f"prior {self.shape}")
+        self.covariance = covariance
         self.stats = {"calls": 0, "vjps": 0, "solver_iterations": 0}
 
     def forward(self, x_t: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
@@ -691,10 +714,15 @@ class BatchedMMPS(Denoiser):
             _, vjp_A = torch.func.vjp(A, x_hat)
         shape_y = self.y.shape
 
+        heuristic = self.covariance
+
         def matvec(u: Tensor) -> tuple[Tensor, Tensor]:
             U = torch.where(observed, u.reshape(shape_y), 0.0)
-            w = gamma * vjp_prior(vjp_A(U)[0])[0]
-            self.stats["vjps"] += 1
+            if heuristic is None:
+                w = gamma * vjp_prior(vjp_A(U)[0])[0]
+                self.stats["vjps"] += 1
+            else:  # V_C A^T U, no network product
+                w = heuristic.tweedie_cov(x_t, t, vjp_A(U)[0].to(x_hat.dtype))
             out = var * U + torch.where(observed, A(w), 0.0)
             return out.flatten(1), w
 
@@ -709,7 +737,13 @@ class BatchedMMPS(Denoiser):
             else:
                 solution = solve(matvec, b, tol=self.tol, maxiter=maxiter)
         self.stats["solver_iterations"] += solution.iterations
-        x_post = x_hat if solution.aux is None else x_hat + solution.aux.to(x_hat.dtype)
+        if heuristic is not None:  # the update goes through the network: gamma J^T A^T u
+            U = torch.where(observed, solution.x.to(x_hat.dtype).reshape(shape_y), 0.0)
+            with torch.no_grad():
+                x_post = x_hat + gamma * vjp_prior(vjp_A(U)[0])[0]
+            self.stats["vjps"] += 1
+        else:
+            x_post = x_hat if solution.aux is None else x_hat + solution.aux.to(x_hat.dtype)
         return BatchedStep(x_hat=x_hat, x_post=x_post.detach(), solution=solution)
 
 
@@ -728,6 +762,10 @@ class SamplingOptions:
         batch_size: Observations per vectorised MMPS call.
         grid: The time grid of :func:`plausible.sample`.
         safeguard: Truncate solves at negative curvature (see :class:`BatchedMMPS`).
+        covariance: ``"tweedie"`` (the network's Tweedie covariance in the MMPS solve) or
+            ``"gaussian"`` (the lap-0 Gaussian's exact Tweedie covariance, Rozet et al.'s
+            ``sigma_x`` heuristic; see :class:`BatchedMMPS`): a symmetric positive-definite
+            system that is safe to solve to convergence (``maxiter=None``).
     """
 
     steps: int = 64
@@ -738,6 +776,7 @@ class SamplingOptions:
     batch_size: int = 256
     grid: str = "uniform"
     safeguard: bool = False
+    covariance: str = "tweedie"
 
     @staticmethod
     def of(options: SamplingOptions | dict | None) -> SamplingOptions:
@@ -756,6 +795,9 @@ class SamplingOptions:
         out = SamplingOptions(**options)
         if out.steps < 1 or out.batch_size < 1:
             raise ValueError("sampling steps and batch_size must be positive")
+        if out.covariance not in ("tweedie", "gaussian"):
+            raise ValueError(f"sampling covariance must be 'tweedie' or 'gaussian', got "
+                             f"{out.covariance!r}")
         return out
 
 
@@ -771,6 +813,7 @@ def posterior_samples(
     batch_size: int = 256,
     grid: str = "uniform",
     safeguard: bool = False,
+    covariance: GaussianDenoiser | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
     progress: bool = True,
@@ -781,7 +824,9 @@ def posterior_samples(
     per vectorised call. Minibatch ``b`` draws from its own generator seeded by
     ``(seed, b)``, so a run is reproducible and independent of interruptions.
 
-    ``stats`` (a dict), if given, receives the mean solver ``iterations`` per MMPS call."""
+    ``covariance`` (a GaussianDenoiser) replaces the network's Tweedie covariance in the
+    solve (see :class:`BatchedMMPS`). ``stats`` (a dict), if given, receives the mean solver
+    ``iterations`` per MMPS call."""
     if not isinstance(observations, Observations):
         raise TypeError(f"observations must be em.Observations, got {type(observations).__name__}")
     N = len(observations)
@@ -794,7 +839,7 @@ def posterior_samples(
         idx = torch.arange(lo, min(lo + batch_size, N))
         obs = observations[idx].to(device)
         post = BatchedMMPS(prior, obs, tol=tol, maxiter=maxiter, solver=solver,
-                           safeguard=safeguard)
+                           safeguard=safeguard, covariance=covariance)
         generator = torch.Generator(device).manual_seed(int(seed) * 1_000_003 + b)
         x = sample(post, len(idx), steps=steps, sampler=sampler, grid=grid,
                    generator=generator, dtype=dtype, progress=False)
@@ -1346,7 +1391,9 @@ def fit(
                 current, observations, options.steps, options.sampler,
                 maxiter=options.maxiter, tol=options.tol, solver=options.solver,
                 batch_size=options.batch_size, grid=options.grid,
-                safeguard=options.safeguard, seed=seed * 7919 + lap,
+                safeguard=options.safeguard,
+                covariance=gauss if options.covariance == "gaussian" else None,
+                seed=seed * 7919 + lap,
                 progress=progress, stats=stats,
             )
             current.train(was_training)
@@ -1431,6 +1478,7 @@ class SamplingConfig:
     batch_size: int = 256
     grid: str = "uniform"
     safeguard: bool = False
+    covariance: str = "tweedie"
 
 
 @dataclass
@@ -1532,6 +1580,7 @@ def parse_em_config(raw: dict) -> EMConfig:
     for name, value, allowed in (("sampling.sampler", s.sampler, SAMPLERS),
                                  ("sampling.solver", s.solver, ("gmres", "cg")),
                                  ("sampling.grid", s.grid, ("uniform", "logsnr", "karras")),
+                                 ("sampling.covariance", s.covariance, ("tweedie", "gaussian")),
                                  ("training.decay", t.decay, ("cosine", "linear", "constant")),
                                  ("training.precision", t.precision, ("fp32", "bf16")),
                                  ("training.t_distribution", t.t_distribution,
