@@ -52,6 +52,7 @@ MANIFOLD_CONFIG: dict[str, Any] = {
     "gaussian_iterations": 64,
     "n_eval": 1024,  # prior samples and held-out true samples per evaluation
     "eval_steps": 64,
+    "eval_repeats": 5,  # evaluations per lap with independent prior samples (mean, std)
     "target_ratio": 0.1,
     "target_lap": 8,
     "accept_box": None,  # train on posterior samples inside [-b, b]^5 only (Rozet et al.: 3)
@@ -60,7 +61,7 @@ MANIFOLD_CONFIG: dict[str, Any] = {
 QUICK = {"n_obs": 2048, "laps": 3, "training": {"steps": 300, "batch_size": 256, "lr": 1e-3,
                                                  "ema": 0.99},
          "sampling": {"steps": 32, "sampler": "ddpm", "maxiter": 1, "batch_size": 2048},
-         "n_eval": 512, "eval_steps": 32}
+         "n_eval": 512, "eval_steps": 32, "eval_repeats": 2}
 
 
 def sinkhorn(x: torch.Tensor, y: torch.Tensor, blur: float = 0.05) -> float:
@@ -135,15 +136,24 @@ def manifold_experiment(config: dict[str, Any], seed: int = 0, tag: str = "em_ma
     rows: list[dict[str, Any]] = []
     per_lap: list[tuple[int, torch.Tensor]] = []
 
+    def draw(current: plausible.Denoiser, lap: int, repeat: int) -> torch.Tensor:
+        s = seed + 3000 + lap + 100 * repeat  # repeat 0: the seed of earlier runs
+        if isinstance(current, plausible.GaussianDenoiser):
+            return current.sample(config["n_eval"],
+                                  generator=torch.Generator().manual_seed(s)).float()
+        return plausible.sample(current, config["n_eval"], steps=config["eval_steps"], seed=s,
+                                progress=False)
+
     def metric(lap: int, current: plausible.Denoiser, samples: torch.Tensor | None) -> dict:
         tick = time.perf_counter()
-        if isinstance(current, plausible.GaussianDenoiser):
-            x = current.sample(config["n_eval"], generator=torch.Generator().manual_seed(
-                seed + 3000 + lap)).float()
-        else:
-            x = plausible.sample(current, config["n_eval"], steps=config["eval_steps"],
-                                 seed=seed + 3000 + lap, progress=False)
-        div, sw2 = sinkhorn(x, held_out), sliced_w2(x, held_out)
+        repeats = max(1, int(config.get("eval_repeats", 1)))
+        xs = [draw(current, lap, r) for r in range(repeats)]
+        x = xs[0]
+        divs = [sinkhorn(xr, held_out) for xr in xs]
+        sw2s = [sliced_w2(xr, held_out) for xr in xs]
+        div, sw2 = sum(divs) / repeats, sum(sw2s) / repeats
+        div_std = float(torch.tensor(divs, dtype=torch.float64).std()) if repeats > 1 else None
+        outside = float((~(x.abs() < 3).all(1)).float().mean())
         # how far the posterior samples used for training are from the truth (MMPS quality)
         post_err = None
         if samples is not None:
@@ -151,14 +161,16 @@ def manifold_experiment(config: dict[str, Any], seed: int = 0, tag: str = "em_ma
         per_lap.append((lap, x))
         pair_plot({"truth": held_out, f"lap {lap}": x}, dims=[0, 1, 2], reference="truth",
                   path=out_dir / f"lap-{lap:02d}.png", title=f"toy manifold, lap {lap}")
-        row = {"lap": lap, "sinkhorn": div, "sliced_w2": sw2,
+        row = {"lap": lap, "sinkhorn": div, "sinkhorn_std": div_std, "sinkhorn_repeats": divs,
+               "sliced_w2": sw2, "prior_outside_box": outside,
                "posterior_error": post_err, "eval_seconds": time.perf_counter() - tick}
         rows.append(row)
-        print(f"lap {lap}: Sinkhorn {div:.4g}, sliced W2 {sw2:.4g}"
+        print(f"lap {lap}: Sinkhorn {div:.4g}"
+              + (f" +- {div_std:.2g} ({repeats} draws)" if div_std is not None else "")
+              + f", sliced W2 {sw2:.4g}, prior outside [-3,3]^5 {outside:.4f}"
               + (f", posterior error {post_err:.3g}" if post_err is not None else ""),
               flush=True)
-        return {"sinkhorn": div, "sliced_w2": sw2, "posterior_error": post_err,
-                "eval_seconds": row["eval_seconds"]}
+        return {key: row[key] for key in row if key != "lap"}
 
     tick = time.perf_counter()
     result = em.fit(prior, problem.observations, laps=config["laps"],
@@ -181,7 +193,8 @@ def manifold_experiment(config: dict[str, Any], seed: int = 0, tag: str = "em_ma
     rows.sort(key=lambda r: r["lap"])
     per_lap.sort(key=lambda p: p[0])
     for row, record in zip(rows, result.laps):
-        for key in ("sinkhorn", "sliced_w2", "posterior_error", "eval_seconds", "loss",
+        for key in ("sinkhorn", "sinkhorn_std", "sinkhorn_repeats", "sliced_w2",
+                    "prior_outside_box", "posterior_error", "eval_seconds", "loss",
                     "sampling_seconds", "training_seconds", "solver_iterations", "accepted"):
             if key in record:
                 row[key] = record[key]
@@ -193,7 +206,9 @@ def manifold_experiment(config: dict[str, Any], seed: int = 0, tag: str = "em_ma
     below = [r["lap"] for r in rows if r["sinkhorn"] <= config["target_ratio"] * gaussian_div]
     _summary_figure(per_lap, held_out, [r["sinkhorn"] for r in rows], floor,
                     RESULTS / f"{tag}.png")
-    print(table(rows, [("lap", "lap"), ("sinkhorn", "Sinkhorn"), ("sliced_w2", "sliced W2"),
+    print(table(rows, [("lap", "lap"), ("sinkhorn", "Sinkhorn"), ("sinkhorn_std", "+-"),
+                       ("sliced_w2", "sliced W2"), ("prior_outside_box", "outside box"),
+                       ("accepted", "accepted"),
                        ("posterior_error", "posterior error"), ("loss", "training loss"),
                        ("sampling_seconds", "sampling s"), ("training_seconds", "training s")]))
     print(f"floor (two sets of {config['n_eval']} true samples): Sinkhorn {floor:.4g}, "
@@ -209,7 +224,10 @@ def manifold_experiment(config: dict[str, Any], seed: int = 0, tag: str = "em_ma
         "gaussian_log_likelihood": result.gaussian_log_likelihood,
         "floor": {"sinkhorn": floor, "sliced_w2": floor_sw2},
         "target": {"lap": target_lap, "ratio": ratio, "threshold": config["target_ratio"],
-                   "met": met, "first_lap_below": below[0] if below else None},
+                   "met": met, "first_lap_below": below[0] if below else None,
+                   "sinkhorn": final, "sinkhorn_std_one_draw": rows[target_lap].get(
+                       "sinkhorn_std"), "gaussian_sinkhorn": gaussian_div,
+                   "gaussian_sinkhorn_std_one_draw": rows[0].get("sinkhorn_std")},
         "seconds_this_invocation": total,
         "resumed": resume,
         "distance": "Sinkhorn divergence (geomloss 0.3.1, debiased, p=2, blur=0.05, "
@@ -245,6 +263,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="truncate MMPS solves at negative curvature")
     parser.add_argument("--accept-box", type=float, default=None,
                         help="train each lap only on posterior samples inside [-b, b]^5")
+    parser.add_argument("--covariance", choices=["tweedie", "gaussian"], default=None,
+                        help="covariance in the MMPS solve: the network's Tweedie covariance "
+                             "(default) or the lap-0 Gaussian's (Rozet et al.'s sigma_x)")
+    parser.add_argument("--n-obs", type=int, default=None, help="number of observations")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="training steps per lap")
+    parser.add_argument("--train-batch", type=int, default=None, help="training batch size")
+    parser.add_argument("--ema", type=float, default=None, help="EMA decay of each lap")
+    parser.add_argument("--t-distribution", choices=["uniform", "lognormal"], default=None,
+                        help="noise-level distribution of the training loss")
+    parser.add_argument("--eval-repeats", type=int, default=None,
+                        help="prior-sample draws per evaluation (mean and std reported)")
     parser.add_argument("--tag", default=None, help="name of the outputs (default em_<exp>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in results/<tag>/run (e.g. with more --laps)")
@@ -264,6 +294,16 @@ def main(argv: list[str] | None = None) -> None:
         config["sampling"] = {**config["sampling"], "safeguard": True}
     if args.accept_box is not None:
         config["accept_box"] = args.accept_box
+    if args.covariance is not None:
+        config["sampling"] = {**config["sampling"], "covariance": args.covariance}
+    if args.n_obs is not None:
+        config["n_obs"] = args.n_obs
+    for name, key in (("train_steps", "steps"), ("train_batch", "batch_size"), ("ema", "ema"),
+                      ("t_distribution", "t_distribution")):
+        if getattr(args, name) is not None:
+            config["training"] = {**config["training"], key: getattr(args, name)}
+    if args.eval_repeats is not None:
+        config["eval_repeats"] = args.eval_repeats
     tag = args.tag or f"em_{args.experiment}" + ("_quick" if args.quick else "")
     payload = EXPERIMENTS[args.experiment](config, seed=args.seed, tag=tag, resume=args.resume)
     payload["machine"] = info
