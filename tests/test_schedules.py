@@ -199,6 +199,21 @@ def test_logsnr_grid_equally_spaced(name, steps):
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
+def test_warped_logsnr_grid_follows_its_power_law(name):
+    """lambda_i = lambda_1 + (lambda_0 - lambda_1) (1 - (1 - i/N)^p): finer at low noise."""
+    s, steps, p = SCHEDULES[name], 8, 1.2
+    lam = s.log_snr(time_grid(steps, "logsnr", s, power=p))
+    lo = float(s.log_snr(torch.tensor(1.0, dtype=F64)))
+    hi = float(s.log_snr(torch.tensor(0.0, dtype=F64)))
+    u = torch.arange(steps + 1, dtype=F64) / steps
+    torch.testing.assert_close(lam, lo + (hi - lo) * (1 - (1 - u) ** p), rtol=1e-8, atol=1e-8)
+    d = lam[1:] - lam[:-1]
+    assert (d[1:] < d[:-1]).all()  # steps shrink toward t = 0
+    with pytest.raises(ValueError, match="power must be positive"):
+        time_grid(steps, "logsnr", s, power=0.0)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
 @pytest.mark.parametrize("rho", [7.0, 3.0])
 @pytest.mark.parametrize("steps", [4, 32])
 def test_karras_grid_equally_spaced_in_ratio_power(name, rho, steps):
