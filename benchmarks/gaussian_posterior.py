@@ -382,6 +382,10 @@ class Context:
 
 
 def grid_of(problem: Problem, grid: str, steps: int) -> Tensor:
+    """A named grid; ``"logsnr^p"`` is the log-SNR grid warped by the power ``p``."""
+    if grid.startswith("logsnr^"):
+        return plausible.time_grid(steps, "logsnr", problem.prior.schedule,
+                                   power=float(grid.split("^", 1)[1]))
     return plausible.time_grid(steps, grid, problem.prior.schedule)
 
 
@@ -405,10 +409,11 @@ def run_plausible(ctx: Context, sampler: str, steps: int, grid: str = "logsnr", 
     post = TrackedMMPS(p.prior, obs, tol=tol, solver=solver,
                        maxiter=maxiter if maxiter is not None else p.maxiter)
     x_1 = ctx.x_1.reshape(-1, *p.shape).to(p.dtype)
+    grid_t = grid_of(p, grid, steps) if grid.startswith("logsnr^") else grid
     x, seconds = timed(lambda: sample(post, x_1.shape[0], steps=steps, sampler=sampler,
-                                      grid=grid, order=order, corrections=corrections,
+                                      grid=grid_t, order=order, corrections=corrections,
                                       x_1=x_1, seed=ctx.seed, dtype=p.dtype, progress=False))
-    label = sampler + (f"{order}" if sampler in ("dpm", "dpm++") else "")
+    label = sampler + (f"{order}" if sampler in ("dpm", "dpm++", "unipc") else "")
     if sampler == "pc":
         label += f"(c={corrections})"
     name = f"{solver} tol={tol:g}" if maxiter is None else f"{solver} k={maxiter}"
@@ -489,6 +494,28 @@ def matches(row: dict[str, Any], ref: dict[str, Any], rel: float = 0.05, slack: 
 # --------------------------------------------------------------------------------------------
 
 
+#: Samplers with 8 evaluations compared for target (a): (sampler, steps, grid, order).
+FEW_STEP_PLANS = [("dpm++", 8, "logsnr", 2), ("unipc", 8, "logsnr", 2),
+                  ("dpm++", 8, "logsnr^1.2", 2), ("unipc", 8, "logsnr^1.2", 2)]
+
+
+def bench_few_step(problem: Problem, args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    """Only target (a): the 8-evaluation samplers of ``FEW_STEP_PLANS``, converged solve."""
+    pairs = random_pairs(problem.D, 4096, args.seed)
+    floors = mc_floors(problem, pairs, args.repeats, args.seed)
+    ctx = Context(problem, initial_noise(problem, args.seed), floors, pairs, args.seed)
+    log(f"\n## {problem.name} (seed {args.seed}): N = {problem.n}; floors "
+        + ", ".join(f"{k} {v:.4g}" for k, v in floors.items()))
+    rows = []
+    for sampler, steps, grid, order in FEW_STEP_PLANS:
+        row = run_plausible(ctx, sampler, steps, grid, order)[0]
+        rows.append(row)
+        log(f"  {row['sampler']:7s} {grid:11s} evals {row['evals']:2d}  mean {row['mean_x']:.2f}x "
+            f"var {row['var_x']:.2f}x cov {row['cov_x']:.2f}x  t {row['time']:.2f}s")
+    return {"name": problem.name, "seed": args.seed, "N": problem.n, "floors": floors,
+            "rows": rows}
+
+
 def bench_problem(problem: Problem, args: argparse.Namespace, log: Any) -> dict[str, Any]:
     quick, big = args.quick, problem.D > 4096
     pairs = random_pairs(problem.D, 4096, args.seed)
@@ -521,6 +548,7 @@ def bench_problem(problem: Problem, args: argparse.Namespace, log: Any) -> dict[
         if tier == "small":
             plans += [("ddpm", 256, "uniform", 2)]
         plans += [("heun", 8, "karras", 2), ("pc", 16, "uniform", 2)]
+    plans += FEW_STEP_PLANS[2:]
     for sampler, steps, grid, order in plans:
         add(run_plausible(ctx, sampler, steps, grid, order))
 
@@ -837,6 +865,9 @@ def main() -> None:
     parser.add_argument("--retime", type=int, default=3,
                         help="timings (best of) of the equal-accuracy winners")
     parser.add_argument("--train-steps", type=int, default=3000)
+    parser.add_argument("--few-step", action="store_true",
+                        help="only target (a): the 8-evaluation samplers of FEW_STEP_PLANS on "
+                        "the exact problems (results/gaussian_posterior_fewstep_s<seed>.json)")
     parser.add_argument("--output", default=None,
                         help="JSON name under results/ (default gaussian_posterior[_quick]); "
                         "problems already in the file are kept unless rerun")
@@ -854,6 +885,20 @@ def main() -> None:
         names = ALL
     if args.quick:
         args.retime = min(args.retime, 2)
+    if args.few_step:
+        few = []
+        for name in [n for n in names if n != "learned-d64"]:
+            n = 128 if name.startswith("d16384") else 512 if name.startswith("d1024") else 1024
+            few.append(bench_few_step(make_problem(name, n, args.seed), args, print))
+        rows = [{"problem": r["name"], **{k: row[k] for k in ("sampler", "grid", "evals",
+                                                              "mean_x", "var_x", "cov_x")},
+                 "worst": max(row["mean_x"], row["var_x"], row["cov_x"])}
+                for r in few for row in r["rows"]]
+        print("\n" + table(rows, [(k, k) for k in ("problem", "sampler", "grid", "evals",
+                                                     "mean_x", "var_x", "cov_x", "worst")]))
+        write_json(f"gaussian_posterior_fewstep_s{args.seed}",
+                   {"benchmark": "gaussian_posterior --few-step", "problems": few, "env": env})
+        return
 
     def log(s: str) -> None:
         print(s, flush=True)

@@ -40,12 +40,19 @@ from plausible.diagnostics import c2st  # noqa: E402
 from plausible.tasks.sbi import get_task  # noqa: E402
 
 METHODS = ("plausible", "sbi-npse", "sbi-npe")
+#: plausible's early stopping: 10 % of the simulations held out, validated every
+#: ``VALIDATE_EVERY`` steps, stop after ``PATIENCE`` validations without improvement (sbi's
+#: default is the same 10 % split and 20 epochs).
+HOLD_OUT, VALIDATE_EVERY, PATIENCE = 0.1, 50, 10
 
 
 def plausible_steps(budget: int) -> int:
     """Training steps of plausible's NPSE (batch 256): 2000 + 2000 log10(budget / 1000), i.e.
     2000 / 4000 / 6000 for 10^3 / 10^4 / 10^5 simulations."""
-    return int(2000 + 2000 * max(0.0, math.log10(budget / 1000)))
+    return int(STEP_FACTOR * (2000 + 2000 * max(0.0, math.log10(budget / 1000))))
+
+
+STEP_FACTOR = 1.0
 
 
 def simulate(task: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,12 +92,18 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
         npe = ConditionalDenoiser.mlp(task.dim_theta, task.dim_y, prior=task.prior)
         steps = plausible_steps(budget)
         npe.standardize_from(theta, y)
-        plausible.fit(npe, (theta, y), steps=steps, batch_size=256, progress=False)
+        history = plausible.fit(npe, (theta, y), steps=steps, batch_size=256, progress=False,
+                                validation=HOLD_OUT if PATIENCE else None,
+                                validate_every=VALIDATE_EVERY, log_every=VALIDATE_EVERY,
+                                patience=PATIENCE or None)
+        stopped = int(history["stopped"][0]) if "stopped" in history else steps
 
         def draw(y_obs: torch.Tensor, n: int) -> torch.Tensor:
             return npe.given(y_obs).sample(n, steps=128, sampler="ddpm", seed=seed)
 
         settings = {"net": "ResMLP 128x3, MLP embedding -> 64", "steps": steps,
+                    "steps_run": stopped, "hold_out": HOLD_OUT if PATIENCE else 0,
+                    "patience": PATIENCE, "validate_every": VALIDATE_EVERY,
                     "batch_size": 256, "lr": 1e-3, "t_distribution": "lognormal",
                     "sampler": "ddpm", "sampling_steps": 128,
                     "parameters": sum(p.numel() for p in npe.parameters())}
@@ -125,6 +138,7 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PATIENCE, STEP_FACTOR
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["two_moons", "gaussian_linear", "slcp"])
     parser.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000])
@@ -134,7 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="sbi", help="results/<out>.json")
+    parser.add_argument("--classifier", default="mlp", choices=("mlp", "rf"),
+                        help="C2ST classifier: sbibm's MLP (default; slow, up to ~40 CPU min "
+                             "per observation when the two sets are close in 10-D) or a "
+                             "random forest (fast, NOT sbibm's figure)")
+    parser.add_argument("--patience", type=int, default=PATIENCE,
+                        help="plausible's early stopping, in validations of every "
+                             f"{VALIDATE_EVERY} steps on {HOLD_OUT:.0%} held out (0: off)")
+    parser.add_argument("--max-steps", type=float, default=1.0,
+                        help="multiply plausible's step budget (an upper bound with early "
+                             "stopping)")
     args = parser.parse_args(argv)
+    PATIENCE, STEP_FACTOR = args.patience, args.max_steps
 
     info = setup(args.threads, args.seed)
     try:
@@ -146,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     payload: dict[str, Any] = {
         "benchmark": "sbi", "machine": info, "args": vars(args), "rows": rows,
+        "classifier": args.classifier,
         "note": "2-core machine shared with other jobs: wall times are noisy; compare ratios "
                 "within one task and budget",
     }
@@ -170,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                         s = draw(obs[i], args.samples).detach().float()
                         row["sample_s"][i] = time.perf_counter() - t0
                         row["sample_cpu_s"][i] = time.process_time() - c0
-                        row["c2st"][i] = c2st(refs[i][: args.samples], s)
+                        row["c2st"][i] = c2st(refs[i][: args.samples], s,
+                                              classifier=args.classifier)
                         print(f"{name} {budget} {method} obs {i}: c2st {row['c2st'][i]:.3f} "
                               f"(train {row['train_s']:.0f}s wall / {row['train_cpu_s']:.0f}s "
                               f"CPU, sample {row['sample_s'][i]:.1f}s wall / "

@@ -3,6 +3,8 @@ against exact samples, with the exact-vs-exact statistic as the floor)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -99,10 +101,14 @@ class _LinearRegression(torch.nn.Module):
 
     def __init__(self, features: int) -> None:
         super().__init__()
+        self.config = {"features": features}
         self.linear = torch.nn.Linear(features, 1)
 
     def loss(self, theta: torch.Tensor, y: torch.Tensor, **_: object) -> torch.Tensor:
         return (self.linear(y) - theta).square().mean()
+
+
+plausible.checkpoints.register(_LinearRegression, name="tests._LinearRegression")
 
 
 def _regression_pairs(n: int, features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,13 +118,14 @@ def _regression_pairs(n: int, features: int, seed: int) -> tuple[torch.Tensor, t
     return theta, y
 
 
-def test_early_stopping_keeps_the_best_validated_weights():
+def test_early_stopping_keeps_the_best_validated_weights(tmp_path):
     torch.manual_seed(0)
     train, held_out = _regression_pairs(24, 40, seed=1), _regression_pairs(200, 40, seed=2)
     model = _LinearRegression(40)
     history = plausible.fit(model, train, steps=3000, batch_size=24, lr=1e-2, ema=0.0,
                             decay="constant", warmup=0, validation=held_out, validate_every=10,
-                            log_every=10, patience=5, progress=False)
+                            log_every=10, patience=5, progress=False,
+                            checkpoint=tmp_path / "run", checkpoint_every=100)
     val = history["val_loss"]
     best = min(range(len(val)), key=val.__getitem__)
     # it stopped on its own, `patience` validations after the best one ...
@@ -129,6 +136,14 @@ def test_early_stopping_keeps_the_best_validated_weights():
         final = float(model.loss(*held_out))
     assert final == pytest.approx(val[best], rel=1e-6)
     assert val[-1] > val[best]
+    # the run's last checkpoint holds the same (best) weights for sampling
+    from safetensors.torch import load_file
+
+    latest = json.loads((tmp_path / "run" / "latest.json").read_text())
+    assert latest["step"] == history["stopped"][0]
+    saved = load_file(tmp_path / "run" / latest["folder"] / "model.safetensors")
+    for name, value in model.state_dict().items():
+        assert torch.equal(saved[name], value)
     # training to the end over-fits: the held-out loss is worse than the early-stopped one
     torch.manual_seed(0)
     full = _LinearRegression(40)  # the same initial weights

@@ -532,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     sbi_train.add_argument("--batch-size", metavar="B", type=_int_at_least(2), default=256,
                            help="batch size (default: 256)")
     sbi_train.add_argument("--seed", metavar="K", type=int, default=0, help="random seed")
+    sbi_train.add_argument("--patience", metavar="P", type=_int_at_least(0), default=10,
+                           help="early stopping: hold out 10%% of the simulations, validate "
+                                "every 50 steps, stop after P validations without improvement "
+                                "and keep the best weights (0: train all steps; default 10)")
     sbi_train.add_argument("--resume", action="store_true", help="continue a crashed run")
     sbi_train.add_argument("--quiet", action="store_true", help="no progress bar")
     sbi_train.set_defaults(handler=_sbi_train, subparser=sbi_train)
@@ -876,13 +880,18 @@ def _sbi_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     npe.standardize_from(theta, y)
     tick = time.perf_counter()
     try:
+        every = min(50, steps)
         history = fit(npe, (theta, y), steps=steps, batch_size=args.batch_size,
                       checkpoint=out, checkpoint_every=max(100, steps // 10),
-                      resume=args.resume, seed=args.seed, progress=not args.quiet)
+                      resume=args.resume, seed=args.seed, progress=not args.quiet,
+                      validation=0.1 if args.patience else None,
+                      validate_every=every, log_every=every, patience=args.patience or None)
     except CheckpointError as error:
         return _sbi_error("train", error)
     info = {"task": args.task, "simulations": n, "steps": steps, "seed": args.seed,
             "batch_size": args.batch_size, "simulate_s": simulate_s,
+            "patience": args.patience,
+            "steps_run": int(history["stopped"][0]) if "stopped" in history else steps,
             "train_s": time.perf_counter() - tick}
     (out / "sbi.json").write_text(json.dumps(info, indent=1))
     last = f": loss {history['loss'][-1]:.4f}" if history["loss"] else ""

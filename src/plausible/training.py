@@ -349,6 +349,9 @@ def fit(
             bar.set_postfix(stopped=f"no improvement for {patience} validations", refresh=True)
             break
     if best_state is not None:
+        if run is not None and rank == 0:  # the run's last checkpoint samples with the best
+            _save(run, done, model, averaged, optimizer, scheduler, noise_gen, data_gen,
+                  options, keep, sampling=best_state)
         model.load_state_dict(best_state)
     elif averaged is not None:
         model.load_state_dict(averaged.state_dict())
@@ -396,7 +399,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _save(run: Path, step: int, model: nn.Module, averaged: nn.Module | None,
           optimizer: torch.optim.Optimizer, scheduler: Any, noise_gen: torch.Generator,
-          data_gen: torch.Generator, options: dict, keep: int) -> None:
+          data_gen: torch.Generator, options: dict, keep: int,
+          sampling: dict[str, Tensor] | None = None) -> None:
     tensors: dict[str, Tensor] = {}
     for k, v in model.state_dict().items():
         tensors[f"model/{k}"] = v
@@ -419,7 +423,8 @@ def _save(run: Path, step: int, model: nn.Module, averaged: nn.Module | None,
         "scheduler": _json_safe({k: v for k, v in scheduler.state_dict().items()
                                  if k != "lr_lambdas"}),
     }
-    sampling = (averaged or model).state_dict()
+    if sampling is None:
+        sampling = (averaged or model).state_dict()
     write_checkpoint(run, step, model, sampling, tensors, state_json, keep=keep)
 
 
