@@ -343,3 +343,17 @@ def test_unknown_schedule_or_grid_kind(prior):
     with pytest.raises(ValueError, match=r"unknown schedule kind 'cosine'; expected one of "
                                          r"\['rectified', 've', 'vp'\]"):
         schedule_from_config({"kind": "cosine"})
+
+
+def test_sample_raises_when_it_diverges(prior):
+    """DPS with a huge step blows up without NaN (it reached 1e94 in a benchmark): the sampler
+    must say so instead of returning such samples."""
+    obs = Observation(torch.full(S, 3.0, dtype=F64), ops.Identity(), noise=1e-3)
+    with pytest.raises(FloatingPointError, match=r"values of size .* it diverged"):
+        sample(DPS(prior, obs, zeta=1e6), 4, steps=16, dtype=F64, progress=False)
+    with pytest.raises(FloatingPointError, match="NaN or infinity"):
+        sample(prior, 2, steps=2, x_1=torch.full((2, *S), float("nan")), progress=False)
+    # a modest zeta stays within bounds and is returned
+    x = sample(DPS(prior, obs, zeta=1.0, normalize=True), 4, steps=16, dtype=F64,
+               progress=False)
+    assert x.abs().max() < 100

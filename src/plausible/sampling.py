@@ -28,6 +28,7 @@ time grid :math:`1 = t_0 > \dots > t_N = 0`. With :math:`\hat{x} = d(x_t, t)` an
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -40,6 +41,8 @@ from .schedules import time_grid
 __all__ = ["sample", "SAMPLERS", "evaluations"]
 
 SAMPLERS = ("ddpm", "ddim", "heun", "pc", "dpm", "dpm++", "unipc")
+#: ``sample`` raises when a state exceeds this multiple of the initial noise's scale.
+DIVERGED = 1e8
 
 
 def evaluations(sampler: str, steps: int, corrections: int = 1) -> int:
@@ -98,6 +101,11 @@ def sample(
         progress: Show a tqdm progress bar.
         cond: Extra keyword arguments passed to every denoiser call.
 
+    Raises:
+        FloatingPointError: If a state becomes NaN, infinite, or larger than ``DIVERGED`` (1e8)
+            times the scale of the initial noise (a diverged sampler, e.g. DPS with too large
+            a ``zeta``).
+
     Returns:
         Samples of shape ``(n, *denoiser.shape)``; for a denoiser that defines ``decode`` (one
         that samples a transformed space, such as ``ConditionalDenoiser.given(y)`` with a
@@ -142,6 +150,8 @@ def sample(
         if tuple(x_1.shape) != shape:
             raise ValueError(f"x_1 must have shape {shape}, got {tuple(x_1.shape)}")
         x = x_1.to(dtype=dtype, device=device)
+    # divergence guard: a state this far beyond the initial noise is never a sample
+    limit = DIVERGED * max(1.0, float(sigmas[0]), float(x.abs().max()))
 
     def d(x_t: Tensor, i: int) -> Tensor:
         return denoiser(x_t, ts[i], **cond)
@@ -223,10 +233,14 @@ def sample(
             history.append((lam_t, pred))
             if len(history) > 2:
                 history.pop(0)
-        if not torch.isfinite(x).all():
+        size = float(x.abs().max())
+        if not size <= limit:  # also catches NaN
+            what = "NaN or infinity" if not math.isfinite(size) else \
+                f"values of size {size:.3g} (more than {DIVERGED:g} x the initial noise)"
             raise FloatingPointError(
-                f"sampling ({sampler}) produced NaN or infinity at step {i + 1}/{steps} "
-                f"(t = {float(ts[i]):.4g}); check the denoiser or use more steps"
+                f"sampling ({sampler}) produced {what} at step {i + 1}/{steps} "
+                f"(t = {float(ts[i]):.4g}): it diverged; check the denoiser (for a DPS "
+                "posterior, a smaller zeta) or use more steps"
             )
     # denoisers over a transformed space (e.g. an amortized posterior of bounded parameters,
     # sampled in logit space) map their samples back
