@@ -54,6 +54,14 @@ def plausible_steps(budget: int) -> int:
 
 STEP_FACTOR = 1.0
 
+#: plausible's samplers (one trained model, several rows): name -> schedule -> options.
+SAMPLERS: dict[str, Any] = {
+    "ddpm128": lambda schedule: {"steps": 128, "sampler": "ddpm"},
+    "dpm++32": lambda schedule: {"steps": 32, "sampler": "dpm++", "grid": "logsnr"},
+    "unipc16": lambda schedule: {"steps": 16, "sampler": "unipc",
+                                 "grid": plausible.time_grid(16, "logsnr", schedule, power=1.2)},
+}
+
 
 def simulate(task: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` finite pairs ``(theta, y)`` (rows with a failed simulation are redrawn)."""
@@ -98,14 +106,15 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
                                 patience=PATIENCE or None)
         stopped = int(history["stopped"][0]) if "stopped" in history else steps
 
-        def draw(y_obs: torch.Tensor, n: int) -> torch.Tensor:
-            return npe.given(y_obs).sample(n, steps=128, sampler="ddpm", seed=seed)
+        def draw(y_obs: torch.Tensor, n: int, sampler: str = "ddpm128") -> torch.Tensor:
+            return npe.given(y_obs).sample(n, seed=seed, progress=False,
+                                           **SAMPLERS[sampler](npe.schedule))
 
         settings = {"net": "ResMLP 128x3, MLP embedding -> 64", "steps": steps,
                     "steps_run": stopped, "hold_out": HOLD_OUT if PATIENCE else 0,
                     "patience": PATIENCE, "validate_every": VALIDATE_EVERY,
                     "batch_size": 256, "lr": 1e-3, "t_distribution": "lognormal",
-                    "sampler": "ddpm", "sampling_steps": 128,
+                    "samplers": {k: str(v(npe.schedule)) for k, v in SAMPLERS.items()},
                     "parameters": sum(p.numel() for p in npe.parameters())}
         return draw, settings
     # this file is named sbi.py: its folder must not shadow the peer package
@@ -152,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="C2ST classifier: sbibm's MLP (default; slow, up to ~40 CPU min "
                              "per observation when the two sets are close in 10-D) or a "
                              "random forest (fast, NOT sbibm's figure)")
+    parser.add_argument("--plausible-samplers", nargs="+", default=["ddpm128"],
+                        choices=sorted(SAMPLERS),
+                        help="samplers of plausible's model (one training, a row each)")
     parser.add_argument("--patience", type=int, default=PATIENCE,
                         help="plausible's early stopping, in validations of every "
                              f"{VALIDATE_EVERY} steps on {HOLD_OUT:.0%} held out (0: off)")
@@ -182,23 +194,29 @@ def main(argv: list[str] | None = None) -> int:
         obs = {i: task.observation(i) for i in args.observations}
         for budget in args.budgets:
             theta, y = simulate(task, budget, seed=args.seed + budget)
-            for method in args.methods:
-                row: dict[str, Any] = {"task": name, "budget": budget, "method": method}
+            jobs = [(m, s) for m in args.methods
+                    for s in (args.plausible_samplers if m == "plausible" else [None])]
+            trained: dict[str, Any] = {}
+            for method, sampler in jobs:
+                label = method if sampler in (None, "ddpm128") else f"{method} ({sampler})"
+                row: dict[str, Any] = {"task": name, "budget": budget, "method": label}
                 try:
                     t0, c0 = time.perf_counter(), time.process_time()
-                    draw, settings = train(method, task, theta, y, budget, args.seed)
-                    row["train_s"] = time.perf_counter() - t0
-                    row["train_cpu_s"] = time.process_time() - c0
+                    if method not in trained:  # plausible's samplers share one training
+                        trained[method] = (*train(method, task, theta, y, budget, args.seed),
+                                           time.perf_counter() - t0, time.process_time() - c0)
+                    draw, settings, row["train_s"], row["train_cpu_s"] = trained[method]
                     row["settings"] = settings
                     row["c2st"], row["sample_s"], row["sample_cpu_s"] = {}, {}, {}
                     for i in args.observations:
                         t0, c0 = time.perf_counter(), time.process_time()
-                        s = draw(obs[i], args.samples).detach().float()
+                        s = (draw(obs[i], args.samples, sampler) if sampler else
+                             draw(obs[i], args.samples)).detach().float()
                         row["sample_s"][i] = time.perf_counter() - t0
                         row["sample_cpu_s"][i] = time.process_time() - c0
                         row["c2st"][i] = c2st(refs[i][: args.samples], s,
                                               classifier=args.classifier)
-                        print(f"{name} {budget} {method} obs {i}: c2st {row['c2st'][i]:.3f} "
+                        print(f"{name} {budget} {label} obs {i}: c2st {row['c2st'][i]:.3f} "
                               f"(train {row['train_s']:.0f}s wall / {row['train_cpu_s']:.0f}s "
                               f"CPU, sample {row['sample_s'][i]:.1f}s wall / "
                               f"{row['sample_cpu_s'][i]:.1f}s CPU)", flush=True)
