@@ -757,7 +757,8 @@ class SamplingOptions:
             default 1 is the robust choice with learned priors: on the toy manifold (2-D
             observations), the converged solve (2 iterations) followed the network Jacobian's
             errors into outliers (largest posterior-sample error 177 against 6.5 with one
-            iteration, measured after lap 1).
+            iteration, measured after lap 1). With ``covariance="gaussian"`` the solve
+            involves no network product: use ``None`` (converged) there.
         tol: Relative tolerance of the solve. solver: ``"gmres"`` or ``"cg"``.
         batch_size: Observations per vectorised MMPS call.
         grid: The time grid of :func:`plausible.sample`.
