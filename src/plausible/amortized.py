@@ -51,7 +51,9 @@ covariance and :math:`P = \sum_j C_j^{-1} + (1 - n) C_\lambda^{-1}` the precisio
 composed Gaussian. With estimated covariances :math:`P` can lose definiteness (the NaNs of
 sbi's issue #1656); its eigenvalues are therefore clamped from below at the smallest prior
 precision, which leaves every exact Gaussian case unchanged (there :math:`P \succeq
-C_\lambda^{-1}`).
+C_\lambda^{-1}`), and along the eigenvectors of :math:`P` that needed the clamp the score is
+the prior's (the composition is not a valid density there; combining the unclamped
+numerator with the clamped :math:`\Lambda_t` made samples diverge to 1e22).
 
 **Prior scores** in the sampling space are exact where possible
 (:meth:`ConditionalDenoiser.prior_denoiser`): a Gaussian prior stays Gaussian under the
@@ -976,8 +978,10 @@ class IIDPosterior(_SpaceMixin, Denoiser):
             P = (P + P.T) / 2
             lam, V = torch.linalg.eigh(P)
             floor = float(torch.linalg.eigvalsh(prec_l).min())
-            self.clamped = int((lam < floor).sum())
+            clamped = lam < floor
+            self.clamped = int(clamped.sum())
             lam = lam.clamp_min(floor)
+            self.register_buffer("P_clamped", clamped)
             self.register_buffer("prec", prec)
             self.register_buffer("prec_l", prec_l)
             self.register_buffer("P_lam", lam)
@@ -1002,6 +1006,9 @@ class IIDPosterior(_SpaceMixin, Denoiser):
         acc = acc + (1 - n) * (a2 * r_l + s2 * r_l @ self.prec_l.T)
         # sigma^2 s = Lambda^{-1} acc, Lambda = alpha^2 I + sigma^2 P
         inv = (acc @ self.P_V) / (a2 + s2 * self.P_lam)
+        if self.clamped:  # where P was not positive, the composition carries no valid
+            # information: those eigen-directions follow the prior's score alone
+            inv = torch.where(self.P_clamped, r_l @ self.P_V, inv)
         s2_score = inv @ self.P_V.T
         return ((x + s2_score) / alpha[:, None]).to(x_t.dtype)
 
