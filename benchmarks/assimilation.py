@@ -17,7 +17,8 @@ r"""Data assimilation benchmarks (SDA, Rozet & Louppe 2023): one function per ex
    (``y = x_std[::8, 0] + 0.05 eps`` for "lo", ``y = x_std[:, 0] + 0.25 eps`` for "hi"),
    on the first test trajectories. MMPS, SDA's diagonal likelihood (gamma = 3e-2) and DPS,
    all sampled by ``sampler="pc"`` (DDIM predictor + C Langevin corrections, tau = 0.25) with
-   C in {0, 1, 2}.
+   C in {0, 1, 2} (``--corrections``) and 64 predictor steps (``--steps``; several values run
+   a sweep against one reference; ``--grid`` sets the time grid, SDA's is uniform in t).
 4. **Reference.** :func:`plausible.tasks.particle_smoother`: bootstrap particle filter with
    16384 particles (SDA) in physical units, started from stationary states (1024 burn-in
    transitions; SDA: 64 from a Gaussian), then FFBSi (not SDA's genealogy, whose early states
