@@ -77,6 +77,8 @@ def test_train_then_sample_reproduces_the_data(setup, capsys):
                     "schedule": {"kind": "nope"}}}, "model.schedule"),
         ({"data": {"key": "x"}}, "data.path"),
         ({"extra": {}}, "extra"),
+        ({"training": {"out": "r", "patience": 3}}, "training.patience"),  # no validation
+        ({"training": {"out": "r", "patience": 0}}, "training.patience"),
     ],
 )
 def test_config_errors_name_the_field(change, field):

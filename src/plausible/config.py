@@ -20,6 +20,7 @@ Example (TOML)::
     steps = 20000
     batch_size = 256
     lr = 1e-3
+    patience = 5                        # optional: early stopping on data.validation
 
 Every unknown field and every wrong type is reported with its dotted name.
 """
@@ -98,6 +99,7 @@ class TrainingConfig:
     precision: str = "fp32"
     compile: bool = False
     validate_every: int | None = None
+    patience: int | None = None
     checkpoint_every: int = 1000
     keep: int = 2
     seed: int | None = 0
@@ -220,6 +222,12 @@ def parse_config(raw: dict) -> Config:
     for name in ("steps", "batch_size", "accumulate", "checkpoint_every"):
         if getattr(t, name) < 1:
             raise ConfigError(f"field training.{name} must be positive")
+    if t.patience is not None:
+        if t.patience < 1:
+            raise ConfigError("field training.patience must be positive")
+        if config.data.validation is None:
+            raise ConfigError("field training.patience (early stopping) needs held-out data: "
+                              "set data.validation (a fraction or a path)")
     return config
 
 
@@ -324,7 +332,8 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
         prior, data, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
         weight_decay=t.weight_decay, warmup=t.warmup, decay=t.decay, ema=t.ema, clip=t.clip,
         accumulate=t.accumulate, precision=t.precision, compile=t.compile,
-        validation=validation, validate_every=t.validate_every, checkpoint=t.out,
+        validation=validation, validate_every=t.validate_every, patience=t.patience,
+        checkpoint=t.out,
         checkpoint_every=t.checkpoint_every, keep=t.keep, resume=resume, seed=t.seed,
         device=t.device, progress=progress, t_distribution=t.t_distribution,
         weighting=t.weighting,
