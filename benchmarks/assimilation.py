@@ -82,6 +82,9 @@ def parser() -> argparse.ArgumentParser:
                         "samples per C) and measure its transition residuals")
     p.add_argument("--instances", type=int, default=1,
                    help="test trajectories (observations) per regime")
+    p.add_argument("--first-instance", type=int, default=0,
+                   help="index of the first test trajectory (to run more observations "
+                        "in separate processes)")
     p.add_argument("--samples", type=int, default=256, help="posterior samples per method")
     p.add_argument("--steps", type=int, nargs="+", default=[64],
                    help="predictor steps of the pc sampler (several: a sweep, one reference)")
@@ -250,7 +253,7 @@ def lorenz(args: argparse.Namespace) -> dict[str, Any]:
     figures: list[str] = []
     for regime in args.regimes:
         step, sigma = REGIMES[regime]["step"], REGIMES[regime]["sigma"]
-        for instance in range(args.instances):
+        for instance in range(args.first_instance, args.first_instance + args.instances):
             gen = torch.Generator().manual_seed(args.seed + 1000 * (instance + 1)
                                                 + (0 if regime == "lo" else 1))
             truth = test[instance, :L].double()  # standardised
@@ -326,7 +329,7 @@ def lorenz(args: argparse.Namespace) -> dict[str, Any]:
                     if (method == "MMPS" and C == max(args.corrections)
                             and steps == max(args.steps)):
                         band_samples = x_phys
-            if instance == 0:
+            if instance == args.first_instance:
                 sets = {"particle smoother": ref_a}
                 if band_samples is not None:
                     sets[f"MMPS (C={max(args.corrections)})"] = band_samples

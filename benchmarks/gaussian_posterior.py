@@ -500,14 +500,19 @@ FEW_STEP_PLANS = [("dpm++", 8, "logsnr", 2), ("unipc", 8, "logsnr", 2),
 
 
 def bench_few_step(problem: Problem, args: argparse.Namespace, log: Any) -> dict[str, Any]:
-    """Only target (a): the 8-evaluation samplers of ``FEW_STEP_PLANS``, converged solve."""
+    """Only target (a): the 8-evaluation samplers of ``FEW_STEP_PLANS`` (or ``--plans``),
+    converged solve."""
     pairs = random_pairs(problem.D, 4096, args.seed)
     floors = mc_floors(problem, pairs, args.repeats, args.seed)
     ctx = Context(problem, initial_noise(problem, args.seed), floors, pairs, args.seed)
     log(f"\n## {problem.name} (seed {args.seed}): N = {problem.n}; floors "
         + ", ".join(f"{k} {v:.4g}" for k, v in floors.items()))
     rows = []
-    for sampler, steps, grid, order in FEW_STEP_PLANS:
+    plans = FEW_STEP_PLANS
+    if args.plans:
+        plans = [(p[0], int(p[1]), p[2], int(p[3]))
+                 for p in (plan.split(":") for plan in args.plans.split(","))]
+    for sampler, steps, grid, order in plans:
         row = run_plausible(ctx, sampler, steps, grid, order)[0]
         rows.append(row)
         log(f"  {row['sampler']:7s} {grid:11s} evals {row['evals']:2d}  mean {row['mean_x']:.2f}x "
@@ -868,6 +873,9 @@ def main() -> None:
     parser.add_argument("--few-step", action="store_true",
                         help="only target (a): the 8-evaluation samplers of FEW_STEP_PLANS on "
                         "the exact problems (results/gaussian_posterior_fewstep_s<seed>.json)")
+    parser.add_argument("--plans", default=None,
+                        help="with --few-step: other plans than FEW_STEP_PLANS, as "
+                        "sampler:steps:grid:order,... (e.g. dpm++:16:logsnr:3)")
     parser.add_argument("--output", default=None,
                         help="JSON name under results/ (default gaussian_posterior[_quick]); "
                         "problems already in the file are kept unless rerun")
@@ -896,7 +904,7 @@ def main() -> None:
                 for r in few for row in r["rows"]]
         print("\n" + table(rows, [(k, k) for k in ("problem", "sampler", "grid", "evals",
                                                      "mean_x", "var_x", "cov_x", "worst")]))
-        write_json(f"gaussian_posterior_fewstep_s{args.seed}",
+        write_json(args.output or f"gaussian_posterior_fewstep_s{args.seed}",
                    {"benchmark": "gaussian_posterior --few-step", "problems": few, "env": env})
         return
 

@@ -204,35 +204,10 @@ def sample(
             h = lam_s - lam_t
             x_hat = d(x, i)
             pred = x_hat if sampler == "dpm++" else (x - a_t * x_hat) / s_t
-            k = min(order, len(history) + 1)
-            D0 = pred
-            if k >= 2:
-                lam_1, p_1 = history[-1]
-                r0 = (lam_t - lam_1) / h
-                D1_0 = (D0 - p_1) / r0
-            if k == 3:
-                lam_2, p_2 = history[-2]
-                r1 = (lam_1 - lam_2) / h
-                D1_1 = (p_1 - p_2) / r1
-                D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
-                D2 = (D1_0 - D1_1) / (r0 + r1)
-            if sampler == "dpm++":
-                phi1 = torch.expm1(-h)
-                x = (s_s / s_t) * x - a_s * phi1 * D0
-                if k == 2:
-                    x = x - 0.5 * a_s * phi1 * D1_0
-                elif k == 3:
-                    x = x + a_s * (phi1 / h + 1) * D1 - a_s * ((phi1 + h) / h**2 - 0.5) * D2
-            else:
-                phi1 = torch.expm1(h)
-                x = (a_s / a_t) * x - s_s * phi1 * D0
-                if k == 2:
-                    x = x - 0.5 * s_s * phi1 * D1_0
-                elif k == 3:
-                    x = x - s_s * (phi1 / h - 1) * D1 - s_s * ((phi1 - h) / h**2 - 0.5) * D2
+            x = _multistep(x, pred, history[-(order - 1):] if order > 1 else [], sampler,
+                           lam_t, h, a_t, s_t, a_s, s_s)
             history.append((lam_t, pred))
-            if len(history) > 2:
-                history.pop(0)
+            del history[:-2]
         size = float(x.abs().max())
         if not size <= limit:  # also catches NaN
             what = "NaN or infinity" if not math.isfinite(size) else \
@@ -247,6 +222,66 @@ def sample(
     decode = getattr(denoiser, "decode", None)
     return decode(x) if callable(decode) else x
 
+
+
+def _exponential_step(x: Tensor, pred: Tensor, sampler: str, a_t: Tensor, s_t: Tensor,
+                      a_s: Tensor, s_s: Tensor, h: Tensor, slope: Tensor | None = None,
+                      curvature: Tensor | None = None) -> Tensor:
+    r"""One exponential-integrator step over :math:`h = \lambda_s - \lambda_t` with the
+    prediction expanded to second order in :math:`\lambda` (DPM-Solver++, Lu et al. 2022):
+
+    data prediction (``"dpm++"``, :math:`\varphi_1 = e^{-h} - 1`):
+    :math:`x_s = \frac{\sigma_s}{\sigma_t} x_t - \alpha_s \varphi_1 D_0
+    + \alpha_s (\varphi_1 / h + 1) D_1 - \alpha_s ((\varphi_1 + h) / h^2 - 1/2) D_2`;
+    noise prediction (``"dpm"``, :math:`\varphi_1 = e^{h} - 1`):
+    :math:`x_s = \frac{\alpha_s}{\alpha_t} x_t - \sigma_s \varphi_1 D_0
+    - \sigma_s (\varphi_1 / h - 1) D_1 - \sigma_s ((\varphi_1 - h) / h^2 - 1/2) D_2`,
+
+    with :math:`D_0` the prediction at :math:`t`, :math:`D_1 \approx h\, dD/d\lambda` (``slope``)
+    and :math:`D_2 \approx h^2 d^2D/d\lambda^2` (``curvature``). With ``slope`` only, the
+    second-order rule of the papers, :math:`-\alpha_s \varphi_1 D_1 / 2` (resp.
+    :math:`-\sigma_s \varphi_1 D_1 / 2`), is used.
+    """
+    if sampler == "dpm++":
+        phi1 = torch.expm1(-h)
+        x = (s_s / s_t) * x - a_s * phi1 * pred
+        if slope is not None and curvature is None:
+            x = x - 0.5 * a_s * phi1 * slope
+        elif slope is not None:
+            x = x + a_s * (phi1 / h + 1) * slope - a_s * ((phi1 + h) / h**2 - 0.5) * curvature
+    else:
+        phi1 = torch.expm1(h)
+        x = (a_s / a_t) * x - s_s * phi1 * pred
+        if slope is not None and curvature is None:
+            x = x - 0.5 * s_s * phi1 * slope
+        elif slope is not None:
+            x = x - s_s * (phi1 / h - 1) * slope - s_s * ((phi1 - h) / h**2 - 0.5) * curvature
+    return x
+
+
+def _multistep(x: Tensor, pred: Tensor, history: list[tuple[Tensor, Tensor]], sampler: str,
+               lam_t: Tensor, h: Tensor, a_t: Tensor, s_t: Tensor, a_s: Tensor,
+               s_s: Tensor) -> Tensor:
+    """One multistep DPM-Solver(++) step of order ``len(history) + 1`` (finite differences of
+    the predictions at the previous log-SNRs ``history``, oldest first)."""
+    if not history:
+        return _exponential_step(x, pred, sampler, a_t, s_t, a_s, s_s, h)
+    lam_1, p_1 = history[-1]
+    r0 = (lam_t - lam_1) / h
+    D1_0 = (pred - p_1) / r0
+    if len(history) == 1:
+        return _exponential_step(x, pred, sampler, a_t, s_t, a_s, s_s, h, slope=D1_0)
+    lam_2, p_2 = history[-2]
+    r1 = (lam_1 - lam_2) / h
+    D1_1 = (p_1 - p_2) / r1
+    D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
+    # D1_0 - D1_1 = (r0 + r1) h^2 D''/2 + O(h^3): D2 = h^2 D'' needs the factor 2. The
+    # reference implementations (DPM-Solver's and diffusers' multistep third-order update)
+    # omit it, which halves the second-order term and leaves an O(h^3) local error: their
+    # "order 3" converges at order 2 (measured here: rate 2.1 before, 4.0 after, on an exact
+    # Gaussian flow; tests/test_sampling_order.py)
+    D2 = 2 * (D1_0 - D1_1) / (r0 + r1)
+    return _exponential_step(x, pred, sampler, a_t, s_t, a_s, s_s, h, slope=D1, curvature=D2)
 
 
 def _unipc_update(
