@@ -350,6 +350,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="covariance in the MMPS solve: the lap-0 Gaussian's (default, "
                              "Rozet et al.'s sigma_x) or the network's Tweedie covariance")
     parser.add_argument("--n-obs", type=int, default=None, help="number of observations")
+    parser.add_argument("--sampling-steps", type=int, default=None,
+                        help="steps of each lap's posterior sampling (default 64)")
+    parser.add_argument("--sampler", default=None,
+                        help="sampler of each lap's posterior sampling (default ddpm)")
     parser.add_argument("--train-steps", type=int, default=None,
                         help="training steps per lap")
     parser.add_argument("--train-batch", type=int, default=None, help="training batch size")
@@ -381,6 +385,10 @@ def main(argv: list[str] | None = None) -> None:
         config["sampling"] = {**config["sampling"], "covariance": args.covariance}
     if args.n_obs is not None:
         config["n_obs"] = args.n_obs
+    if args.sampling_steps is not None:
+        config["sampling"] = {**config["sampling"], "steps": args.sampling_steps}
+    if args.sampler is not None:
+        config["sampling"] = {**config["sampling"], "sampler": args.sampler}
     for name, key in (("train_steps", "steps"), ("train_batch", "batch_size"), ("ema", "ema"),
                       ("t_distribution", "t_distribution")):
         if getattr(args, name) is not None:
