@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 
 import plausible  # noqa: E402
 from _common import setup, table, write_json  # noqa: E402
-from plausible.amortized import ConditionalDenoiser  # noqa: E402
+from plausible.amortized import ConditionalDenoiser, training_steps  # noqa: E402
 from plausible.diagnostics import c2st  # noqa: E402
 from plausible.tasks.sbi import get_task  # noqa: E402
 
@@ -47,12 +47,17 @@ HOLD_OUT, VALIDATE_EVERY, PATIENCE = 0.1, 50, 10
 
 
 def plausible_steps(budget: int) -> int:
-    """Training steps of plausible's NPSE (batch 256): 2000 + 2000 log10(budget / 1000), i.e.
-    2000 / 4000 / 6000 for 10^3 / 10^4 / 10^5 simulations."""
+    """Upper bound on the training steps of plausible's NPSE (batch 256), early stopping
+    deciding: ``STEP_FACTOR`` times the old bound 2000 + 2000 log10(budget / 1000) (2000 /
+    4000 / 6000 for 10^3 / 10^4 / 10^5 simulations; what the tables before the fourth session
+    used); ``--max-steps default`` uses plausible's default bound
+    ``plausible.amortized.training_steps`` (2000 / 20000 / 38000)."""
+    if STEP_FACTOR is None:
+        return training_steps(budget)
     return int(STEP_FACTOR * (2000 + 2000 * max(0.0, math.log10(budget / 1000))))
 
 
-STEP_FACTOR = 1.0
+STEP_FACTOR: float | None = None  # None: plausible's default bound
 
 #: plausible's samplers (one trained model, several rows): name -> schedule -> options.
 SAMPLERS: dict[str, Any] = {
@@ -167,11 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patience", type=int, default=PATIENCE,
                         help="plausible's early stopping, in validations of every "
                              f"{VALIDATE_EVERY} steps on {HOLD_OUT:.0%} held out (0: off)")
-    parser.add_argument("--max-steps", type=float, default=1.0,
-                        help="multiply plausible's step budget (an upper bound with early "
-                             "stopping)")
+    parser.add_argument("--max-steps", default="default",
+                        help="plausible's step bound (early stopping decides): 'default' "
+                             "(plausible.amortized.training_steps: 2000 / 20000 for 10^3 / "
+                             "10^4), or a factor of the bound of the earlier tables, 2000 + "
+                             "2000 log10(N / 1000) (e.g. 1 for those tables, 5 = 20000 at 10^4)")
     args = parser.parse_args(argv)
-    PATIENCE, STEP_FACTOR = args.patience, args.max_steps
+    PATIENCE = args.patience
+    STEP_FACTOR = None if args.max_steps == "default" else float(args.max_steps)
 
     info = setup(args.threads, args.seed)
     try:

@@ -435,3 +435,14 @@ def test_plausible_sample_returns_theta_for_a_bounded_posterior():
     theta = plausible.sample(post, 256, steps=8, seed=3, progress=False)
     assert bool(((theta > 0) & (theta < 1)).all())
     torch.testing.assert_close(theta, post.sample(256, steps=8, seed=3))
+
+
+def test_training_steps_bound():
+    """The default step bound grows with the budget (early stopping decides below it)."""
+    from plausible.amortized import training_steps
+
+    assert training_steps(500) == training_steps(1000) == 2000
+    assert training_steps(10_000) == 20_000
+    assert training_steps(100_000) == 38_000
+    with pytest.raises(ValueError, match="positive integer"):
+        training_steps(0)

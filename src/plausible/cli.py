@@ -527,8 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="simulation budget (default: 10000)")
     sbi_train.add_argument("--out", metavar="DIR", required=True, help="run folder")
     sbi_train.add_argument("--steps", metavar="S", type=_int_at_least(1), default=None,
-                           help="training steps (default: 2000 + 2000 log10(N / 1000), at "
-                                "least 1000)")
+                           help="upper bound on the training steps, early stopping decides "
+                                "(default: 2000 + 18000 log10(N / 1000): 20000 for N = 10^4)")
     sbi_train.add_argument("--batch-size", metavar="B", type=_int_at_least(2), default=256,
                            help="batch size (default: 256)")
     sbi_train.add_argument("--seed", metavar="K", type=int, default=0, help="random seed")
@@ -853,7 +853,7 @@ def _sbi_run(run: str) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def _sbi_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .amortized import ConditionalDenoiser
+    from .amortized import ConditionalDenoiser, training_steps
     from .tasks.sbi import TASKS, get_task
     from .training import fit
 
@@ -861,7 +861,7 @@ def _sbi_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error(f"unknown task {args.task!r}; available: {', '.join(TASKS)}")
     task = get_task(args.task)
     n = args.simulations
-    steps = args.steps or max(1000, int(2000 + 2000 * math.log10(max(n, 1000) / 1000)))
+    steps = args.steps or training_steps(n)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     thetas, ys, have = [], [], 0
