@@ -58,6 +58,7 @@ def plausible_steps(budget: int) -> int:
 
 
 STEP_FACTOR: float | None = None  # None: plausible's default bound
+DECAY = "cosine"  # plausible's learning-rate decay (--decay)
 
 #: plausible's samplers (one trained model, several rows): name -> schedule -> options.
 SAMPLERS: dict[str, Any] = {
@@ -106,6 +107,7 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
         steps = plausible_steps(budget)
         npe.standardize_from(theta, y)
         history = plausible.fit(npe, (theta, y), steps=steps, batch_size=256, progress=False,
+                                decay=DECAY,
                                 validation=HOLD_OUT if PATIENCE else None,
                                 validate_every=VALIDATE_EVERY, log_every=VALIDATE_EVERY,
                                 patience=PATIENCE or None)
@@ -119,6 +121,7 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
                     "steps_run": stopped, "hold_out": HOLD_OUT if PATIENCE else 0,
                     "patience": PATIENCE, "validate_every": VALIDATE_EVERY,
                     "batch_size": 256, "lr": 1e-3, "t_distribution": "lognormal",
+                    "decay": DECAY,
                     "samplers": {k: str(v(npe.schedule)) for k, v in SAMPLERS.items()},
                     "parameters": sum(p.numel() for p in npe.parameters())}
         return draw, settings
@@ -152,7 +155,7 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    global PATIENCE, STEP_FACTOR
+    global PATIENCE, STEP_FACTOR, DECAY
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["two_moons", "gaussian_linear", "slcp"])
     parser.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000])
@@ -177,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
                              "(plausible.amortized.training_steps: 2000 / 20000 for 10^3 / "
                              "10^4), or a factor of the bound of the earlier tables, 2000 + "
                              "2000 log10(N / 1000) (e.g. 1 for those tables, 5 = 20000 at 10^4)")
+    parser.add_argument("--decay", default="cosine", choices=("cosine", "plateau"),
+                        help="plausible's learning-rate decay: cosine over the step bound, or "
+                             "halved on validation plateaus (needs --patience > 0)")
     args = parser.parse_args(argv)
-    PATIENCE = args.patience
+    PATIENCE, DECAY = args.patience, args.decay
     STEP_FACTOR = None if args.max_steps == "default" else float(args.max_steps)
 
     info = setup(args.threads, args.seed)

@@ -4,6 +4,7 @@ against exact samples, with the exact-vs-exact statistic as the floor)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -151,6 +152,35 @@ def test_early_stopping_keeps_the_best_validated_weights(tmp_path):
                   warmup=0, progress=False)
     with torch.no_grad():
         assert float(full.loss(*held_out)) > 1.2 * final
+
+
+def test_plateau_decay_halves_the_rate_after_stalled_validations(tmp_path):
+    """decay='plateau': the learning rate halves after every patience // 3 validations without
+    a new best, read from the logged rates (the over-fitting regression above stalls)."""
+    torch.manual_seed(0)
+    train, held_out = _regression_pairs(24, 40, seed=1), _regression_pairs(200, 40, seed=2)
+    history = plausible.fit(_LinearRegression(40), train, steps=3000, batch_size=24, lr=1e-2,
+                            ema=0.0, decay="plateau", warmup=0, validation=held_out,
+                            validate_every=10, log_every=10, patience=9, progress=False,
+                            checkpoint=tmp_path / "run", checkpoint_every=100)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [x["val_loss"] for x in lines]
+    rates = [x["lr"] for x in lines]
+    # replay the rule on the logged validation losses: the rate logged with validation i is
+    # the one in force after validation i - 1
+    best, stale, scale = math.inf, 0, 1.0
+    for i, v in enumerate(val):
+        assert rates[i] == pytest.approx(1e-2 * scale, rel=1e-9), i
+        if v < best:
+            best, stale = v, 0
+        else:
+            stale += 1
+            if stale >= 3:
+                scale, stale = scale / 2, 0
+    assert scale <= 1 / 8  # three halvings before the 9 stalled validations stop it
+    assert history["stopped"][0] < 3000
+    with pytest.raises(ValueError, match="plateau"):
+        plausible.fit(_LinearRegression(3), train, steps=5, decay="plateau", progress=False)
 
 
 def test_validation_fraction_holds_out_part_of_the_data():

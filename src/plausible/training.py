@@ -135,7 +135,13 @@ def fit(
             micro-batches); drawn uniformly with replacement.
         lr: Peak learning rate of AdamW. weight_decay: AdamW weight decay.
         warmup: Linear warm-up steps (default ``min(1000, steps // 10)``).
-        decay: ``"cosine"``, ``"linear"`` (to zero at ``steps``) or ``"constant"``.
+        decay: ``"cosine"``, ``"linear"`` (to zero at ``steps``), ``"constant"``, or
+            ``"plateau"`` (needs ``validation``): constant, halved after every
+            ``max(1, patience // 3)`` validations without a new best validation loss (3 without
+            ``patience``), so that a run that early stopping ends has annealed its learning
+            rate whatever ``steps`` is (with cosine or linear decay the learning rate at the
+            stop depends on how far it is from ``steps``). The halvings are not restored by
+            ``resume``.
         ema: EMA decay (``0`` disables it); the decay at step k is ``min(ema, (1 + k) /
             (10 + k))`` so that the first weights are forgotten.
         clip: Maximum gradient norm (``None``: no clipping).
@@ -180,8 +186,11 @@ def fit(
         raise ValueError("steps, batch_size and accumulate must be positive")
     if not 0.0 <= ema < 1.0:
         raise ValueError(f"ema must be in [0, 1), got {ema}")
-    if decay not in ("cosine", "linear", "constant"):
-        raise ValueError(f"decay must be 'cosine', 'linear' or 'constant', got {decay!r}")
+    if decay not in ("cosine", "linear", "constant", "plateau"):
+        raise ValueError(f"decay must be 'cosine', 'linear', 'constant' or 'plateau', got "
+                         f"{decay!r}")
+    if decay == "plateau" and validation is None:
+        raise ValueError("decay='plateau' needs validation data or a held-out fraction")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if patience is not None and (validation is None or patience < 1):
@@ -221,11 +230,14 @@ def fit(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = min(1000, steps // 10) if warmup is None else warmup
 
+    plateau = {"scale": 1.0, "best": math.inf, "stale": 0,
+               "every": max(1, (patience or 9) // 3)}
+
     def lr_factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
-        if decay == "constant":
-            return 1.0
+            return (step + 1) / warmup * plateau["scale"]
+        if decay in ("constant", "plateau"):
+            return plateau["scale"]
         frac = min(1.0, (step - warmup) / max(1, steps - warmup))
         return 0.5 * (1 + math.cos(math.pi * frac)) if decay == "cosine" else 1.0 - frac
 
@@ -332,6 +344,16 @@ def fit(
                 history["val_loss"].append(val)
                 line["val_loss"] = val
                 model.train()
+                if decay == "plateau":
+                    if val < plateau["best"]:
+                        plateau["best"], plateau["stale"] = val, 0
+                    else:
+                        plateau["stale"] += 1
+                        if plateau["stale"] >= plateau["every"]:
+                            plateau["scale"], plateau["stale"] = plateau["scale"] / 2, 0
+                            for group, base in zip(optimizer.param_groups,
+                                                   scheduler.base_lrs, strict=True):
+                                group["lr"] = base * lr_factor(done)
                 if patience is not None:
                     if val < best_loss:
                         best_loss, stale = val, 0
