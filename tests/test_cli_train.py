@@ -79,6 +79,8 @@ def test_train_then_sample_reproduces_the_data(setup, capsys):
         ({"extra": {}}, "extra"),
         ({"training": {"out": "r", "patience": 3}}, "training.patience"),  # no validation
         ({"training": {"out": "r", "patience": 0}}, "training.patience"),
+        ({"training": {"out": "r", "decay": "plateau"}}, "training.decay"),  # no validation
+        ({"training": {"out": "r", "decay": "step"}}, "training.decay"),
     ],
 )
 def test_config_errors_name_the_field(change, field):

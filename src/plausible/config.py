@@ -213,7 +213,7 @@ def parse_config(raw: dict) -> Config:
     except ValueError as error:
         raise ConfigError(f"field model.schedule: {error}") from None
     t = config.training
-    for name, value, allowed in (("decay", t.decay, ("cosine", "linear", "constant")),
+    for name, value, allowed in (("decay", t.decay, ("cosine", "linear", "constant", "plateau")),
                                  ("precision", t.precision, ("fp32", "bf16")),
                                  ("t_distribution", t.t_distribution, ("uniform", "lognormal")),
                                  ("weighting", t.weighting, ("edm", "none"))):
@@ -228,6 +228,9 @@ def parse_config(raw: dict) -> Config:
         if config.data.validation is None:
             raise ConfigError("field training.patience (early stopping) needs held-out data: "
                               "set data.validation (a fraction or a path)")
+    if t.decay == "plateau" and config.data.validation is None:
+        raise ConfigError("field training.decay = 'plateau' (halve the learning rate when the "
+                          "validation loss stalls) needs held-out data: set data.validation")
     return config
 
 
