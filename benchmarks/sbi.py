@@ -180,11 +180,14 @@ def main(argv: list[str] | None = None) -> int:
                              "(plausible.amortized.training_steps: 2000 / 20000 for 10^3 / "
                              "10^4), or a factor of the bound of the earlier tables, 2000 + "
                              "2000 log10(N / 1000) (e.g. 1 for those tables, 5 = 20000 at 10^4)")
-    parser.add_argument("--decay", default="cosine", choices=("cosine", "plateau"),
+    parser.add_argument("--decay", default="default", choices=("default", "cosine", "plateau"),
                         help="plausible's learning-rate decay: cosine over the step bound, or "
-                             "halved on validation plateaus (needs --patience > 0)")
+                             "halved on validation plateaus (needs --patience > 0); default: "
+                             "as `plausible sbi train` (plateau with early stopping, else "
+                             "cosine)")
     args = parser.parse_args(argv)
-    PATIENCE, DECAY = args.patience, args.decay
+    PATIENCE = args.patience
+    DECAY = args.decay if args.decay != "default" else ("plateau" if PATIENCE else "cosine")
     STEP_FACTOR = None if args.max_steps == "default" else float(args.max_steps)
 
     info = setup(args.threads, args.seed)

@@ -39,6 +39,7 @@ def test_train_writes_a_loadable_run(run):
     assert info["task"] == "two_moons" and info["simulations"] == 400 and info["steps"] == 30
     # early stopping is on by default (10 % held out), and at most the given steps ran
     assert info["patience"] == 10 and 1 <= info["steps_run"] <= 30
+    assert info["decay"] == "plateau"  # the learning rate halves on validation plateaus
     model = load(run)
     assert model.prior["kind"] == "box" and model.y_shape == (2,)
     # the standardisation was fitted: logit of U(-1, 1) has std pi / sqrt(3) = 1.81
