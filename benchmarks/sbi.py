@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="samplers of plausible's model (one training, a row each)")
     parser.add_argument("--patience", type=int, default=PATIENCE,
                         help="plausible's early stopping, in validations of every "
-                             f"{VALIDATE_EVERY} steps on {HOLD_OUT:.0%} held out (0: off)")
+                             f"{VALIDATE_EVERY} steps on {HOLD_OUT * 100:.0f}%% held out (0: off)")
     parser.add_argument("--max-steps", default="default",
                         help="plausible's step bound (early stopping decides): 'default' "
                              "(plausible.amortized.training_steps: 2000 / 20000 for 10^3 / "
