@@ -10,9 +10,11 @@ mixture in closed form.
 Methods, each at a budget of 32 / 64 / 128 / 256 denoiser evaluations (one evaluation = one
 call of the guided denoiser), on ``N`` samples:
 
-* plausible ``MMPS`` (GMRES, tol 1e-6: the exact solve) with ``ddpm`` (plausible's default
-  sampler), and with ``pc`` (DDIM predictor + 1, 2 or 4 Langevin corrections per step,
-  ``steps = budget // (1 + corrections)``);
+* plausible ``MMPS`` (GMRES, tol 1e-6: the exact solve) with its default sampler (since the
+  fifth session: ``pc`` with the ancestral DDPM predictor and 1 Langevin correction of tau
+  0.25 per step, ``steps = budget // 2``), with ``ddpm`` (the default before), and with ``pc``
+  (DDIM predictor + 1, 2 or 4 Langevin corrections per step, ``steps = budget // (1 +
+  corrections)``);
 * plausible ``DPS`` (zeta tuned on a grid by sliced Wasserstein at 128 evaluations, on other
   random draws) and ``SDA`` (gamma = 1e-2), with ``ddpm``;
 * azula ``MMPSDenoiser`` (GMRES, k = M iterations: the exact solve) with ``DDPMSampler``, and
@@ -27,7 +29,8 @@ averages the responsibilities (unbiased for exact samples). Each configuration i
 with ``--repeats`` seeds; tables show the mean (and the standard deviation over repeats).
 
 A second table sweeps the Langevin corrections (0, 1, 2, 4, 8) at a fixed number of predictor
-steps, to see whether MMPS converges toward the exact posterior as corrections are added.
+steps, with the DDIM (``pc``) and the ancestral (``pc-ddpm``) predictor, to see whether MMPS
+converges toward the exact posterior as corrections are added.
 
 Run ``python benchmarks/mixture_posterior.py`` (``--quick`` for a smaller configuration).
 """
@@ -70,6 +73,7 @@ from plausible import (  # noqa: E402
     ops,
     sample,
 )
+from plausible.sampling import evaluations  # noqa: E402
 
 F64 = torch.float64
 SIGMA_Y = 0.3
@@ -124,7 +128,11 @@ def distances(x: Tensor, ref: Tensor, exact: GaussianMixtureDenoiser, seed: int,
 # --------------------------------------------------------------------------------------------
 
 
-def plausible_run(post: Any, n: int, steps: int, sampler: str, seed: int, **kw: Any
+#: plausible's default posterior sampler: ``sample(MMPS(...), n, steps)`` without ``sampler``
+DEFAULT = "plausible MMPS default (pc-ddpm c=1)"
+
+
+def plausible_run(post: Any, n: int, steps: int, sampler: str | None, seed: int, **kw: Any
                   ) -> tuple[Tensor, int]:
     post.reset_stats()
     x = sample(post, n, steps=steps, sampler=sampler, seed=seed, dtype=F64, progress=False,
@@ -144,6 +152,12 @@ def make_methods(pb: dict[str, Any], zeta_dps: float, zeta_az: float
     az_prior = azula_wrap(prior)
     az_A = (lambda A_: lambda v: v @ A_.T.to(v.dtype))(A)
     cov_y = DiagonalCovariance(torch.full((M,), SIGMA_Y**2, dtype=F64))
+
+    def mmps_default(budget: int, n: int, seed: int) -> tuple[Tensor, int]:
+        post = MMPS(prior, obs)  # sample() without sampler=: MMPS.sampling
+        steps = budget // evaluations(MMPS.sampling["sampler"], 1,
+                                      MMPS.sampling.get("corrections", 1))
+        return plausible_run(post, n, steps, None, seed)
 
     def mmps_ddpm(budget: int, n: int, seed: int) -> tuple[Tensor, int]:
         return plausible_run(MMPS(prior, obs), n, budget, "ddpm", seed)
@@ -179,7 +193,8 @@ def make_methods(pb: dict[str, Any], zeta_dps: float, zeta_az: float
         return x, den.calls
 
     return {
-        "plausible MMPS ddpm (default)": mmps_ddpm,
+        DEFAULT: mmps_default,
+        "plausible MMPS ddpm (default before)": mmps_ddpm,
         "plausible MMPS pc c=1": mmps_pc(1),
         "plausible MMPS pc c=2": mmps_pc(2),
         "plausible MMPS pc c=4": mmps_pc(4),
@@ -275,20 +290,23 @@ def bench(pb: dict[str, Any], args: argparse.Namespace, log: Any) -> dict[str, A
     sweep = []
     steps = 32
     prior, obs = pb["prior"], pb["obs"]
-    for c in ([0, 1, 4] if args.quick else [0, 1, 2, 4, 8]):
+    for eta, c in [(eta, c) for eta in (0.0, 1.0)
+                   for c in ([0, 1, 4] if args.quick else [0, 1, 2, 4, 8])]:
         per = []
         for r in range(repeats):
-            x, evals = plausible_run(MMPS(prior, obs), n, steps, "pc", 100 + r, corrections=c)
+            x, evals = plausible_run(MMPS(prior, obs), n, steps, "pc", 100 + r, corrections=c,
+                                     eta=eta)
             per.append(distances(x, reference(r), exact, r, args.classifier))
-        row = {"method": f"plausible MMPS pc {steps} steps c={c}", "corrections": c,
-               "evals": evals, **aggregate(per)}
+        predictor = "pc" if eta == 0 else "pc-ddpm"
+        row = {"method": f"plausible MMPS {predictor} {steps} steps c={c}", "corrections": c,
+               "eta": eta, "evals": evals, **aggregate(per)}
         sweep.append(row)
         log(f"  {row['method']:34s} evals {evals:3d} SW {row['sw']:.3g}±{row['sw_std']:.2g} "
             f"C2ST {row['c2st']:.3g}±{row['c2st_std']:.2g} TV {row['tv_hard']:.3g}/"
             f"{row['tv_soft']:.3g}")
 
     # targets
-    default = "plausible MMPS ddpm (default)"
+    default = DEFAULT
     azula_mmps = "azula MMPS ddpm gmres k=M"
     cmp = []
     for budget in budgets:
@@ -305,8 +323,10 @@ def bench(pb: dict[str, Any], args: argparse.Namespace, log: Any) -> dict[str, A
                         math.hypot(a["sw_std"], b["sw_std"]) / math.sqrt(repeats), 1e-12),
                     "best_plausible": best_pl["method"], "best_plausible_sw": best_pl["sw"],
                     "best_plausible_c2st": best_pl["c2st"]})
-    sws = [r["sw"] for r in sweep]
-    monotone = all(b <= a + 1e-12 for a, b in zip(sws, sws[1:]))
+    monotone = True
+    for eta in (0.0, 1.0):
+        sws = [r["sw"] for r in sweep if r["eta"] == eta]
+        monotone &= all(b <= a + 1e-12 for a, b in zip(sws, sws[1:]))
     return {"name": pb["name"], "M": pb["M"], "N": n, "repeats": repeats,
             "exact_weights": exact.weights.tolist(), "zeta_tuning": tuning,
             "zeta_plausible_dps": zeta_p, "zeta_azula_dps": zeta_a, "rows": rows,
@@ -328,7 +348,8 @@ def summary(results: list[dict[str, Any]], classifier: str) -> str:
         out.append("exact posterior weights: "
                    + " ".join(f"{w:.3f}" for w in res["exact_weights"]) + "\n")
         out.append(table(res["rows"], COLUMNS))
-        out.append("\nCorrections sweep (MMPS + pc, 32 predictor steps):\n")
+        out.append("\nCorrections sweep (MMPS + pc with the DDIM or the ancestral predictor, "
+                   "32 predictor steps):\n")
         out.append(table(res["corrections_sweep"], [c for c in COLUMNS if c[0] not in (
             "budget", "time")]))
         out.append("")
@@ -342,7 +363,7 @@ def summary(results: list[dict[str, Any]], classifier: str) -> str:
                 f"{c['sw_diff_in_std']:.1f} standard errors); best plausible method: "
                 f"{c['best_plausible']} (SW {c['best_plausible_sw']:.3g}, C2ST "
                 f"{c['best_plausible_c2st']:.3g})")
-        out.append(f"- SW decreases monotonically with corrections: "
+        out.append(f"- SW decreases monotonically with corrections (both predictors): "
                    f"{'yes' if res['corrections_monotone_sw'] else 'no'}")
     return "\n".join(out)
 

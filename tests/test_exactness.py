@@ -286,3 +286,34 @@ def test_unipc_and_warm_started_solves(problem):
     torch.testing.assert_close(runs[True], runs[False], rtol=1e-6, atol=1e-7)
     e_mean, e_cov = moment_errors(runs[True], exact.mean, exact.covariance)
     assert e_mean < 3.0 and e_cov < 3.0, (e_mean, e_cov)
+
+
+def test_default_posterior_sampler(problem):
+    """``sample(post, n, steps)`` without ``sampler``: MMPS's own default (``MMPS.sampling``:
+    the ancestral predictor and one Langevin correction, 2 evaluations a step) reproduces the
+    exact posterior; given arguments override it; a prior's default stays DDPM."""
+    m, C, *_ = problem
+    prior = GaussianDenoiser(m, C)
+    obs = _observations("two", problem)
+    A, y, cov_y = _stacked(obs, (D,))
+    exact = prior.condition(A, y, cov_y)
+    post = MMPS(prior, obs, tol=1e-10)
+    assert MMPS.sampling == {"sampler": "pc", "eta": 1.0, "corrections": 1, "tau": 0.25}
+    post.reset_stats()
+    x = sample(post, 2000, steps=32, dtype=F64, seed=4, progress=False)
+    assert post.stats["calls"] == 64
+    e_mean, e_cov = moment_errors(x, exact.mean, exact.covariance)
+    assert e_mean < 3.0 and e_cov < 3.0, (e_mean, e_cov)
+    explicit = sample(post, 50, steps=8, sampler="pc", eta=1.0, corrections=1, tau=0.25,
+                      dtype=F64, seed=4, progress=False)
+    torch.testing.assert_close(sample(post, 50, steps=8, dtype=F64, seed=4, progress=False),
+                               explicit)
+    post.reset_stats()
+    sample(post, 3, steps=8, corrections=2, dtype=F64, seed=4, progress=False)
+    assert post.stats["calls"] == 24  # the default sampler with 2 corrections
+    post.reset_stats()
+    sample(post, 3, steps=8, sampler="pc", dtype=F64, seed=4, progress=False)
+    assert post.stats["calls"] == 16  # an explicit "pc" keeps its own defaults (eta 0, c 1)
+    torch.testing.assert_close(
+        sample(prior, 50, steps=8, dtype=F64, seed=5, progress=False),
+        sample(prior, 50, steps=8, sampler="ddpm", dtype=F64, seed=5, progress=False))

@@ -21,7 +21,7 @@ which know their exact posteriors under linear-Gaussian observations.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +77,10 @@ class Denoiser(nn.Module):
 
     schedule: Schedule
     shape: tuple[int, ...] | None
+    #: What :func:`~plausible.sample` uses when called without ``sampler``: keys ``sampler``,
+    #: ``eta``, ``corrections``, ``tau`` (empty: ``"ddpm"``). :class:`~plausible.MMPS`
+    #: overrides it.
+    sampling: ClassVar[dict[str, Any]] = {}
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Denoiser:
         if cls is Denoiser:

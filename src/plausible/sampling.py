@@ -21,9 +21,17 @@ time grid :math:`1 = t_0 > \dots > t_N = 0`. With :math:`\hat{x} = d(x_t, t)` an
 - ``"unipc"``: UniPC (Zhao et al. 2023) in data prediction with :math:`B(h) = e^h - 1`:
   the multistep predictor of order ``order``, and after each new evaluation a corrector that
   raises the order by one at no extra evaluation;
-- ``"pc"``: predictor-corrector: a DDIM predictor then ``corrections`` Langevin steps
+- ``"pc"``: predictor-corrector: a DDIM predictor (of stochasticity ``eta``, default 0; with
+  ``eta = 1`` the ancestral DDPM step) then ``corrections`` Langevin steps
   :math:`x \leftarrow x - \delta \sigma_s \hat\epsilon + \sqrt{2\delta}\, \sigma_s z` with
   SDA's step :math:`\delta = \tau / \overline{\hat\epsilon^2}` (one evaluation each).
+
+Called without ``sampler``, :func:`sample` uses the denoiser's own defaults
+(:attr:`~plausible.denoisers.Denoiser.sampling`): ``"ddpm"`` for priors and amortized
+posteriors; for :class:`~plausible.posterior.MMPS`, ``"pc"`` with the ancestral predictor
+(``eta = 1``), one Langevin correction and ``tau = 0.25`` (2 evaluations a step), which at
+equal denoiser evaluations is closer to the exact posterior than DDPM on Gaussian-mixture
+priors (BENCHMARKS.md, section 2).
 """
 
 from __future__ import annotations
@@ -65,13 +73,13 @@ def sample(
     denoiser: Denoiser,
     n: int,
     steps: int = 64,
-    sampler: str = "ddpm",
+    sampler: str | None = None,
     *,
     grid: str | Tensor = "uniform",
     eta: float | None = None,
     order: int = 2,
-    corrections: int = 1,
-    tau: float = 0.25,
+    corrections: int | None = None,
+    tau: float | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
     x_1: Tensor | None = None,
@@ -87,14 +95,19 @@ def sample(
         n: Number of samples.
         steps: Number of steps of the time grid.
         sampler: One of ``"ddpm"``, ``"ddim"``, ``"heun"``, ``"pc"``, ``"dpm"``, ``"dpm++"``,
-            ``"unipc"``.
+            ``"unipc"``; ``None`` (default): the denoiser's :attr:`~plausible.denoisers.
+            Denoiser.sampling` (``"ddpm"`` unless the denoiser says otherwise; ``"pc"`` with
+            ``eta = 1``, one correction, ``tau = 0.25`` for :class:`~plausible.MMPS`), whose
+            ``eta``, ``corrections`` and ``tau`` apply where these are not given.
         grid: ``"uniform"``, ``"logsnr"`` or ``"karras"`` (see
             :func:`~plausible.schedules.time_grid`) or a decreasing tensor of times from 1 to 0.
-        eta: DDIM stochasticity (default 0; ``"ddpm"`` is ``eta = 1``).
+        eta: Stochasticity of the ``"ddim"`` step and of the ``"pc"`` predictor (default 0;
+            ``"ddpm"`` is ``eta = 1``).
         order: Order of the ``"dpm"`` / ``"dpm++"`` / ``"unipc"`` multistep solvers (1, 2 or
             3).
-        corrections: Langevin corrections per step of ``"pc"``.
-        tau: Langevin step factor of ``"pc"`` (SDA: 0.25 Lorenz, 0.5 Kolmogorov).
+        corrections: Langevin corrections per step of ``"pc"`` (default 1).
+        tau: Langevin step factor of ``"pc"`` (default 0.25; SDA: 0.25 Lorenz, 0.5
+            Kolmogorov).
         generator, seed: Random source (a ``torch.Generator``, or a seed for a new one).
         x_1: Initial noise ``(n, *S)`` (default :math:`\sigma_1 z`).
         dtype, device: Of the samples (default: torch's default dtype, the denoiser's device).
@@ -117,6 +130,14 @@ def sample(
         raise ValueError("the denoiser's state shape is unknown: build it with shape=(...)")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
+    if sampler is None:  # the denoiser's own defaults, where the caller gives none
+        defaults = dict(getattr(denoiser, "sampling", None) or {})
+        sampler = defaults.pop("sampler", "ddpm")
+        eta = defaults.get("eta") if eta is None else eta
+        corrections = defaults.get("corrections") if corrections is None else corrections
+        tau = defaults.get("tau") if tau is None else tau
+    corrections = 1 if corrections is None else corrections
+    tau = 0.25 if tau is None else tau
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     if order not in (1, 2, 3):
@@ -169,7 +190,7 @@ def sample(
         if sampler in ("ddpm", "ddim", "pc"):
             x_hat = d(x, i)
             eps = (x - a_t * x_hat) / s_t
-            e = 0.0 if sampler == "pc" else eta
+            e = eta
             c2 = (e * s_s) ** 2 * (1 - (a_t * s_s / (a_s * s_t)) ** 2).clamp(min=0)
             x = a_s * x_hat + torch.sqrt((s_s**2 - c2).clamp(min=0)) * eps
             if e > 0:
