@@ -93,6 +93,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, nargs="+", default=[64],
                    help="predictor steps of the pc sampler (several: a sweep, one reference)")
     p.add_argument("--corrections", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="stochasticity of the predictor (0: DDIM, SDA's; 1: ancestral DDPM)")
     p.add_argument("--grid", choices=("uniform", "logsnr", "karras"), default="uniform",
                    help="time grid of the pc sampler (SDA: uniform in t)")
     p.add_argument("--methods", nargs="+", choices=("MMPS", "SDA", "DPS"),
@@ -314,8 +316,8 @@ def lorenz(args: argparse.Namespace) -> dict[str, Any]:
                         post = DPS(padded_prior, obs, zeta=args.dps_zeta, normalize=True)
                     t1 = time.perf_counter()
                     x = sample(post, args.samples, steps=steps, sampler="pc", grid=args.grid,
-                               corrections=C, tau=0.25, seed=args.seed + 7 * C + 1,
-                               progress=False)
+                               corrections=C, tau=0.25, eta=args.eta,
+                               seed=args.seed + 7 * C + 1, progress=False)
                     wall = time.perf_counter() - t1
                     x = x[:, P:]
                     if not bool(torch.isfinite(x).all()):

@@ -169,7 +169,13 @@ def test_batched_mmps_equals_per_item_mmps(learned):
         assert torch.allclose(xs, xl, atol=1e-8, rtol=1e-8)
 
 
-def test_posterior_samples_are_exact_under_a_gaussian_prior():
+@pytest.mark.parametrize("sampling", [
+    {"steps": 256},
+    # MMPS's default posterior sampler, passed through em's sampling options
+    {"steps": 64, "sampler": "pc", "eta": 1.0, "corrections": 1, "tau": 0.25,
+     "correct_above": 0.2},
+], ids=["ddpm", "pc-ddpm"])
+def test_posterior_samples_are_exact_under_a_gaussian_prior(sampling):
     """With the exact Gaussian denoiser and a converged solve, the MMPS samples of N
     problems with different projections follow their closed-form posteriors: whitened by
     each posterior, they are N(0, I) (mean and covariance within 5 MC floors). DDPM's own
@@ -180,12 +186,12 @@ def test_posterior_samples_are_exact_under_a_gaussian_prior():
     g = torch.Generator().manual_seed(8)
     A = projections(N, M, D, 9)
     obs = em.Observations.simulate(prior.sample(N, generator=g), A, 0.1, generator=g)
-    x = em.posterior_samples(prior, obs, steps=256, maxiter=None, tol=1e-10,
-                             batch_size=1024, seed=3, dtype=f64, progress=False)
+    x = em.posterior_samples(prior, obs, maxiter=None, tol=1e-10, batch_size=1024, seed=3,
+                             dtype=f64, progress=False, **sampling)
     assert x.shape == (N, D)
     # the same seed gives the same samples
-    again = em.posterior_samples(prior, obs[:1024], steps=256, maxiter=None, tol=1e-10,
-                                 batch_size=1024, seed=3, dtype=f64, progress=False)
+    again = em.posterior_samples(prior, obs[:1024], maxiter=None, tol=1e-10, batch_size=1024,
+                                 seed=3, dtype=f64, progress=False, **sampling)
     assert torch.equal(again, x[:1024])
     C, m = prior.covariance, prior.mean
     W = A.weight

@@ -298,19 +298,23 @@ def test_default_posterior_sampler(problem):
     A, y, cov_y = _stacked(obs, (D,))
     exact = prior.condition(A, y, cov_y)
     post = MMPS(prior, obs, tol=1e-10)
-    assert MMPS.sampling == {"sampler": "pc", "eta": 1.0, "corrections": 1, "tau": 0.25}
+    assert MMPS.sampling == {"sampler": "pc", "eta": 1.0, "corrections": 1, "tau": 0.25,
+                             "correct_above": 0.2}
     post.reset_stats()
     x = sample(post, 2000, steps=32, dtype=F64, seed=4, progress=False)
-    assert post.stats["calls"] == 64
+    alphas, sigmas = prior.schedule(plausible.time_grid(32, "uniform", prior.schedule))
+    corrected = int((sigmas[1:] / alphas[1:] > 0.2).sum())  # steps ending above rho = 0.2
+    assert 24 < corrected < 32 and post.stats["calls"] == 32 + corrected
     e_mean, e_cov = moment_errors(x, exact.mean, exact.covariance)
     assert e_mean < 3.0 and e_cov < 3.0, (e_mean, e_cov)
     explicit = sample(post, 50, steps=8, sampler="pc", eta=1.0, corrections=1, tau=0.25,
-                      dtype=F64, seed=4, progress=False)
+                      correct_above=0.2, dtype=F64, seed=4, progress=False)
     torch.testing.assert_close(sample(post, 50, steps=8, dtype=F64, seed=4, progress=False),
                                explicit)
     post.reset_stats()
-    sample(post, 3, steps=8, corrections=2, dtype=F64, seed=4, progress=False)
-    assert post.stats["calls"] == 24  # the default sampler with 2 corrections
+    sample(post, 3, steps=8, corrections=2, correct_above=0.0, dtype=F64, seed=4,
+           progress=False)
+    assert post.stats["calls"] == 24  # the default sampler with 2 corrections after every step
     post.reset_stats()
     sample(post, 3, steps=8, sampler="pc", dtype=F64, seed=4, progress=False)
     assert post.stats["calls"] == 16  # an explicit "pc" keeps its own defaults (eta 0, c 1)

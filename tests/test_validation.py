@@ -324,8 +324,14 @@ def test_sample_other_arguments(prior):
         sample(lambda x, t: x, 2, steps=2, progress=False)
     with pytest.raises(ValueError, match="order must be 1, 2 or 3"):
         sample(prior, 2, steps=2, sampler="dpm++", order=4, progress=False)
-    with pytest.raises(ValueError, match="corrections must be >= 0 and tau > 0"):
+    with pytest.raises(ValueError, match="tau must be > 0, got 0.0"):
         sample(prior, 2, steps=2, sampler="pc", tau=0.0, progress=False)
+    with pytest.raises(ValueError, match="corrections must be an integer >= 0, got -1"):
+        sample(prior, 2, steps=2, sampler="pc", corrections=-1, progress=False)
+    with pytest.raises(ValueError, match="correct_above must be >= 0, got -0.1"):
+        sample(prior, 2, steps=2, sampler="pc", correct_above=-0.1, progress=False)
+    with pytest.raises(ValueError, match="correct_above must be >= 0, got nan"):
+        sample(prior, 2, steps=2, sampler="pc", correct_above=float("nan"), progress=False)
     with pytest.raises(ValueError, match=r"x_1 must have shape \(2, 4, 4\)"):
         sample(prior, 2, steps=2, x_1=torch.randn(3, 4, 4), progress=False)
     with pytest.raises(ValueError, match="custom grid must be a decreasing tensor"):

@@ -767,6 +767,11 @@ class SamplingOptions:
             ``"gaussian"`` (the lap-0 Gaussian's exact Tweedie covariance, Rozet et al.'s
             ``sigma_x`` heuristic; see :class:`BatchedMMPS`): a symmetric positive-definite
             system that is safe to solve to convergence (``maxiter=None``).
+        eta, corrections, tau, correct_above: Of the ``"pc"`` sampler (see
+            :func:`plausible.sample`): ``eta = 1`` makes its predictor the ancestral DDPM step,
+            ``correct_above`` skips the Langevin corrections at low noise (MMPS's default
+            posterior sampler: ``"pc"``, ``eta = 1``, 1 correction, ``tau = 0.25``,
+            ``correct_above = 0.2``). ``eta`` also sets the stochasticity of ``"ddim"``.
     """
 
     steps: int = 64
@@ -778,6 +783,10 @@ class SamplingOptions:
     grid: str = "uniform"
     safeguard: bool = False
     covariance: str = "tweedie"
+    eta: float | None = None
+    corrections: int = 1
+    tau: float = 0.25
+    correct_above: float = 0.0
 
     @staticmethod
     def of(options: SamplingOptions | dict | None) -> SamplingOptions:
@@ -819,6 +828,7 @@ def posterior_samples(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     stats: dict[str, float] | None = None,
+    **sampling: Any,
 ) -> Tensor:
     r"""One posterior sample :math:`x_i \sim q(x \mid y_i)` per observation, shape
     ``(N, *S)``, by MMPS (:class:`BatchedMMPS`) and ``sampler``, ``batch_size`` observations
@@ -827,7 +837,8 @@ def posterior_samples(
 
     ``covariance`` (a GaussianDenoiser) replaces the network's Tweedie covariance in the
     solve (see :class:`BatchedMMPS`). ``stats`` (a dict), if given, receives the mean solver
-    ``iterations`` per MMPS call."""
+    ``iterations`` per MMPS call. ``sampling`` (``eta``, ``corrections``, ``tau``,
+    ``correct_above``) goes to :func:`plausible.sample`."""
     if not isinstance(observations, Observations):
         raise TypeError(f"observations must be em.Observations, got {type(observations).__name__}")
     N = len(observations)
@@ -843,7 +854,7 @@ def posterior_samples(
                            safeguard=safeguard, covariance=covariance)
         generator = torch.Generator(device).manual_seed(int(seed) * 1_000_003 + b)
         x = sample(post, len(idx), steps=steps, sampler=sampler, grid=grid,
-                   generator=generator, dtype=dtype, progress=False)
+                   generator=generator, dtype=dtype, progress=False, **sampling)
         out.append(x.detach())
         calls += post.stats["calls"]
         iterations += post.stats["solver_iterations"]
@@ -1396,6 +1407,8 @@ def fit(
                 covariance=gauss if options.covariance == "gaussian" else None,
                 seed=seed * 7919 + lap,
                 progress=progress, stats=stats,
+                eta=options.eta, corrections=options.corrections, tau=options.tau,
+                correct_above=options.correct_above,
             )
             current.train(was_training)
             record["solver_iterations"] = stats.get("iterations")
@@ -1480,6 +1493,10 @@ class SamplingConfig:
     grid: str = "uniform"
     safeguard: bool = False
     covariance: str = "tweedie"
+    eta: float | None = None
+    corrections: int = 1
+    tau: float = 0.25
+    correct_above: float = 0.0
 
 
 @dataclass
@@ -1597,6 +1614,9 @@ def parse_em_config(raw: dict) -> EMConfig:
             raise ConfigError(f"field {name} must be positive")
     if s.maxiter is not None and s.maxiter < 0:
         raise ConfigError("field sampling.maxiter must be non-negative")
+    if s.corrections < 0 or not s.tau > 0 or not s.correct_above >= 0:
+        raise ConfigError("fields sampling.corrections and sampling.correct_above must be "
+                          "non-negative and sampling.tau positive")
     return config
 
 
