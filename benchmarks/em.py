@@ -354,6 +354,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="steps of each lap's posterior sampling (default 64)")
     parser.add_argument("--sampler", default=None,
                         help="sampler of each lap's posterior sampling (default ddpm)")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="predictor stochasticity of the 'pc' sampler (1: ancestral)")
+    parser.add_argument("--corrections", type=int, default=None,
+                        help="Langevin corrections per step of the 'pc' sampler")
+    parser.add_argument("--tau", type=float, default=None, help="Langevin step factor of 'pc'")
+    parser.add_argument("--correct-above", type=float, default=None,
+                        help="'pc' corrects only above this noise ratio sigma/alpha")
     parser.add_argument("--train-steps", type=int, default=None,
                         help="training steps per lap")
     parser.add_argument("--train-batch", type=int, default=None, help="training batch size")
@@ -389,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
         config["sampling"] = {**config["sampling"], "steps": args.sampling_steps}
     if args.sampler is not None:
         config["sampling"] = {**config["sampling"], "sampler": args.sampler}
+    for name in ("eta", "corrections", "tau", "correct_above"):
+        if getattr(args, name) is not None:
+            config["sampling"] = {**config["sampling"], name: getattr(args, name)}
     for name, key in (("train_steps", "steps"), ("train_batch", "batch_size"), ("ema", "ema"),
                       ("t_distribution", "t_distribution")):
         if getattr(args, name) is not None:

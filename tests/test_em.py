@@ -169,13 +169,29 @@ def test_batched_mmps_equals_per_item_mmps(learned):
         assert torch.allclose(xs, xl, atol=1e-8, rtol=1e-8)
 
 
-@pytest.mark.parametrize("sampling", [
-    {"steps": 256},
-    # MMPS's default posterior sampler, passed through em's sampling options
-    {"steps": 64, "sampler": "pc", "eta": 1.0, "corrections": 1, "tau": 0.25,
-     "correct_above": 0.2},
-], ids=["ddpm", "pc-ddpm"])
-def test_posterior_samples_are_exact_under_a_gaussian_prior(sampling):
+def test_posterior_samples_pass_the_pc_options_to_the_sampler():
+    """em's sampling options eta / corrections / tau / correct_above reach plausible.sample:
+    posterior_samples equals sample() of the same BatchedMMPS with them, and differs
+    without them."""
+    D, N = 4, 6
+    prior = random_gaussian(D, 7)
+    g = torch.Generator().manual_seed(8)
+    obs = em.Observations.simulate(prior.sample(N, generator=g), projections(N, 2, D, 9), 0.1,
+                                   generator=g)
+    pc = {"sampler": "pc", "eta": 1.0, "corrections": 2, "tau": 0.1, "correct_above": 0.3}
+    x = em.posterior_samples(prior, obs, steps=8, maxiter=None, tol=1e-12, batch_size=N,
+                             seed=3, dtype=f64, progress=False, **pc)
+    post = em.BatchedMMPS(prior, obs, tol=1e-12, maxiter=None)
+    ref = sample(post, N, steps=8, generator=torch.Generator().manual_seed(3 * 1_000_003),
+                 dtype=f64, progress=False, **pc)
+    torch.testing.assert_close(x, ref)
+    assert 8 < post.stats["calls"] < 24  # the low-noise steps skip their 2 corrections
+    plain = em.posterior_samples(prior, obs, steps=8, sampler="pc", maxiter=None, tol=1e-12,
+                                 batch_size=N, seed=3, dtype=f64, progress=False)
+    assert not torch.allclose(x, plain)
+
+
+def test_posterior_samples_are_exact_under_a_gaussian_prior():
     """With the exact Gaussian denoiser and a converged solve, the MMPS samples of N
     problems with different projections follow their closed-form posteriors: whitened by
     each posterior, they are N(0, I) (mean and covariance within 5 MC floors). DDPM's own
@@ -186,12 +202,12 @@ def test_posterior_samples_are_exact_under_a_gaussian_prior(sampling):
     g = torch.Generator().manual_seed(8)
     A = projections(N, M, D, 9)
     obs = em.Observations.simulate(prior.sample(N, generator=g), A, 0.1, generator=g)
-    x = em.posterior_samples(prior, obs, maxiter=None, tol=1e-10, batch_size=1024, seed=3,
-                             dtype=f64, progress=False, **sampling)
+    x = em.posterior_samples(prior, obs, steps=256, maxiter=None, tol=1e-10,
+                             batch_size=1024, seed=3, dtype=f64, progress=False)
     assert x.shape == (N, D)
     # the same seed gives the same samples
-    again = em.posterior_samples(prior, obs[:1024], maxiter=None, tol=1e-10, batch_size=1024,
-                                 seed=3, dtype=f64, progress=False, **sampling)
+    again = em.posterior_samples(prior, obs[:1024], steps=256, maxiter=None, tol=1e-10,
+                                 batch_size=1024, seed=3, dtype=f64, progress=False)
     assert torch.equal(again, x[:1024])
     C, m = prior.covariance, prior.mean
     W = A.weight
