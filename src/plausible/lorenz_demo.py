@@ -109,7 +109,8 @@ def lorenz_demo(
     Arguments:
         out: Output directory.
         samples: Posterior samples (default 256).
-        steps: Predictor steps of the sampler (each with one Langevin correction).
+        steps: Predictor steps of the sampler (MMPS's default: each followed by one Langevin
+            correction, except at the lowest noise levels).
         seed: Seed of the true trajectory, the observations and the samplers.
         quiet: No progress bars or explanations.
         stream: Where to print (default stdout).
@@ -158,8 +159,9 @@ def lorenz_demo(
     y_full[obs_index, 0] = y.float()
     posterior = MMPS(prior, Observation(y_full, ops.Mask(mask), noise=SIGMA_Y), maxiter=2)
     start = time.perf_counter()
-    x = sample(posterior, samples, steps=steps, sampler="pc", corrections=1, tau=0.25,
-               seed=seed + 1, progress=not quiet).to(F64)
+    # MMPS's default sampler (MMPS.sampling): the ancestral predictor and one Langevin
+    # correction per step above the noise ratio 0.2
+    x = sample(posterior, samples, steps=steps, seed=seed + 1, progress=not quiet).to(F64)
     time_mmps = time.perf_counter() - start
 
     # reference: stationary initial particles (the training trajectories start on the
@@ -194,7 +196,8 @@ def lorenz_demo(
         "version": _version(),
         "settings": {"samples": samples, "steps": steps, "seed": seed, "length": LENGTH,
                      "observed_every": EVERY, "sigma_y": SIGMA_Y, "order": ORDER,
-                     "sampler": "pc (1 correction, tau 0.25)", "mmps_maxiter": 2,
+                     "sampler": "MMPS's default: pc, ancestral predictor (eta 1), 1 correction "
+                                "(tau 0.25) above sigma/alpha = 0.2", "mmps_maxiter": 2,
                      "particles": particles},
         "w1_floor": floor,
         "units": "states standardised as SDA ((x - (0, 0, 25)) / (8, 9, 8.6)); log p(x) in "
