@@ -116,7 +116,8 @@ def sample(
             :math:`\rho_s = \sigma_s / \alpha_s` above this (default 0: after every step).
             A Langevin step of finite size inflates the variance of the directions the
             posterior pins down below the noise level; skipping the last, low-noise
-            corrections removes that bias from the samples.
+            corrections reduces that bias (it does not remove it; measured in BENCHMARKS.md,
+            section 2).
         generator, seed: Random source (a ``torch.Generator``, or a seed for a new one).
         x_1: Initial noise ``(n, *S)`` (default :math:`\sigma_1 z`).
         dtype, device: Of the samples (default: torch's default dtype, the denoiser's device).
