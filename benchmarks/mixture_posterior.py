@@ -334,6 +334,32 @@ def bench(pb: dict[str, Any], args: argparse.Namespace, log: Any) -> dict[str, A
             "corrections_monotone_sw": monotone}
 
 
+def convergence(pb: dict[str, Any], args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    """MMPS's default sampler (``MMPS.sampling``) at 32 predictor steps with 1 / 8 / 32 / 128
+    corrections per step: does it converge to the exact posterior as corrections are added?"""
+    n, repeats, exact = args.n, args.repeats, pb["exact"]
+    rows = []
+    floor = aggregate([distances(exact.sample(n, generator=torch.Generator().manual_seed(
+        20_000 + r)), exact.sample(n, generator=torch.Generator().manual_seed(10_000 + r)),
+        exact, r, args.classifier) for r in range(repeats)])
+    rows.append({"method": "exact samples (MC floor)", "corrections": None, "evals": 0,
+                 **floor})
+    for c in ([1, 8] if args.quick else [1, 8, 32, 128]):
+        per = []
+        for r in range(repeats):
+            ref = exact.sample(n, generator=torch.Generator().manual_seed(10_000 + r))
+            x, evals = plausible_run(MMPS(pb["prior"], pb["obs"]), n, 32, None, 100 + r,
+                                     corrections=c)
+            per.append(distances(x, ref, exact, r, args.classifier))
+        row = {"method": f"plausible MMPS default, 32 steps c={c}", "corrections": c,
+               "evals": evals, **aggregate(per)}
+        rows.append(row)
+        log(f"  {row['method']:34s} evals {evals:4d} SW {row['sw']:.3g}±{row['sw_std']:.2g} "
+            f"C2ST {row['c2st']:.3g}±{row['c2st_std']:.2g} TV {row['tv_hard']:.3g}")
+    return {"name": pb["name"], "M": pb["M"], "N": n, "repeats": repeats, "rows": rows,
+            "settings": dict(MMPS.sampling)}
+
+
 COLUMNS = [("method", "method"), ("budget", "budget"), ("evals", "evals"),
            ("sw", "sliced W1"), ("sw_std", "±"), ("c2st", "C2ST acc"), ("c2st_std", "±"),
            ("tv_hard", "TV modes (argmax)"), ("tv_soft", "TV modes (soft)"), ("nan", "NaN"),
@@ -379,6 +405,9 @@ def main() -> None:
                         help="C2ST classifier")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None)
+    parser.add_argument("--convergence", action="store_true",
+                        help="only the default sampler with 1 / 8 / 32 / 128 corrections per "
+                             "step (results/mixture_convergence.json)")
     args = parser.parse_args()
     env = setup(args.threads, args.seed)
     args.n = args.n or (512 if args.quick else 1024)
@@ -392,6 +421,25 @@ def main() -> None:
     log(f"# mixture_posterior  (torch {env['torch']}, azula {env['azula']}, "
         f"{env['torch_threads']} thread(s), {env['processor']}); N = {args.n}, "
         f"{args.repeats} repeats, C2ST classifier {args.classifier}")
+    if args.convergence:
+        conv = []
+        for name in names:
+            log(f"\n## {name}: MMPS's default sampler, more corrections per step")
+            conv.append(convergence(make_problem(int(name.removeprefix("proj")), args.seed),
+                                    args, log))
+        text = "\n".join(f"\n### {c['name']} (N = {c['N']}, {c['repeats']} repeats)\n\n"
+                         + table(c["rows"], [("method", "method"), ("evals", "evals"),
+                                             ("sw", "sliced W1"), ("sw_std", "±"),
+                                             ("c2st", "C2ST acc"), ("c2st_std", "±"),
+                                             ("tv_hard", "TV modes (argmax)")])
+                         for c in conv)
+        print(text)
+        out = args.output or "mixture_convergence" + ("_quick" if args.quick else "")
+        path = write_json(out, {"benchmark": "mixture_posterior --convergence", "env": env,
+                                "args": vars(args), "problems": conv})
+        (RESULTS / f"{out}.md").write_text("# mixture_posterior --convergence\n" + text + "\n")
+        print(f"\nwrote {path}")
+        return
     results = []
     for name in names:
         start = time.perf_counter()
