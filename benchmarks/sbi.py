@@ -59,6 +59,7 @@ def plausible_steps(budget: int) -> int:
 
 STEP_FACTOR: float | None = None  # None: plausible's default bound
 DECAY = "cosine"  # plausible's learning-rate decay (--decay)
+BASELINE = False  # plausible's linear-Gaussian preconditioning (--baseline)
 
 #: plausible's samplers (one trained model, several rows): name -> schedule -> options.
 SAMPLERS: dict[str, Any] = {
@@ -103,7 +104,8 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
     """Trains ``method``; returns a sampler ``(y_obs, n) -> (n, D)`` and its settings."""
     torch.manual_seed(seed)
     if method == "plausible":
-        npe = ConditionalDenoiser.mlp(task.dim_theta, task.dim_y, prior=task.prior)
+        npe = ConditionalDenoiser.mlp(task.dim_theta, task.dim_y, prior=task.prior,
+                                      baseline=BASELINE)
         steps = plausible_steps(budget)
         npe.standardize_from(theta, y)
         history = plausible.fit(npe, (theta, y), steps=steps, batch_size=256, progress=False,
@@ -121,7 +123,7 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
                     "steps_run": stopped, "hold_out": HOLD_OUT if PATIENCE else 0,
                     "patience": PATIENCE, "validate_every": VALIDATE_EVERY,
                     "batch_size": 256, "lr": 1e-3, "t_distribution": "lognormal",
-                    "decay": DECAY,
+                    "decay": DECAY, "baseline": BASELINE,
                     "samplers": {k: str(v(npe.schedule)) for k, v in SAMPLERS.items()},
                     "parameters": sum(p.numel() for p in npe.parameters())}
         return draw, settings
@@ -155,7 +157,7 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    global PATIENCE, STEP_FACTOR, DECAY
+    global PATIENCE, STEP_FACTOR, DECAY, BASELINE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["two_moons", "gaussian_linear", "slcp"])
     parser.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000])
@@ -180,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(plausible.amortized.training_steps: 2000 / 20000 for 10^3 / "
                              "10^4), or a factor of the bound of the earlier tables, 2000 + "
                              "2000 log10(N / 1000) (e.g. 1 for those tables, 5 = 20000 at 10^4)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="plausible's ConditionalDenoiser with baseline=True (a "
+                             "linear-Gaussian posterior fitted to the simulations as the "
+                             "denoiser's preconditioning)")
     parser.add_argument("--decay", default="default", choices=("default", "cosine", "plateau"),
                         help="plausible's learning-rate decay: cosine over the step bound, or "
                              "halved on validation plateaus (needs --patience > 0); default: "
@@ -187,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                              "cosine)")
     args = parser.parse_args(argv)
     PATIENCE = args.patience
+    BASELINE = args.baseline
     DECAY = args.decay if args.decay != "default" else ("plateau" if PATIENCE else "cosine")
     STEP_FACTOR = None if args.max_steps == "default" else float(args.max_steps)
 

