@@ -59,7 +59,7 @@ def plausible_steps(budget: int) -> int:
 
 STEP_FACTOR: float | None = None  # None: plausible's default bound
 DECAY = "cosine"  # plausible's learning-rate decay (--decay)
-BASELINE = False  # plausible's linear-Gaussian preconditioning (--baseline)
+BASELINE: bool | str = "auto"  # plausible's linear-Gaussian preconditioning (--baseline)
 
 #: plausible's samplers (one trained model, several rows): name -> schedule -> options.
 SAMPLERS: dict[str, Any] = {
@@ -123,7 +123,7 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
                     "steps_run": stopped, "hold_out": HOLD_OUT if PATIENCE else 0,
                     "patience": PATIENCE, "validate_every": VALIDATE_EVERY,
                     "batch_size": 256, "lr": 1e-3, "t_distribution": "lognormal",
-                    "decay": DECAY, "baseline": BASELINE,
+                    "decay": DECAY, "baseline": npe.baseline,
                     "samplers": {k: str(v(npe.schedule)) for k, v in SAMPLERS.items()},
                     "parameters": sum(p.numel() for p in npe.parameters())}
         return draw, settings
@@ -182,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(plausible.amortized.training_steps: 2000 / 20000 for 10^3 / "
                              "10^4), or a factor of the bound of the earlier tables, 2000 + "
                              "2000 log10(N / 1000) (e.g. 1 for those tables, 5 = 20000 at 10^4)")
-    parser.add_argument("--baseline", action="store_true",
-                        help="plausible's ConditionalDenoiser with baseline=True (a "
-                             "linear-Gaussian posterior fitted to the simulations as the "
-                             "denoiser's preconditioning)")
+    parser.add_argument("--baseline", default="auto", choices=("auto", "on", "off"),
+                        help="plausible's ConditionalDenoiser(baseline=...): a linear-Gaussian "
+                             "posterior fitted to the simulations as the denoiser's "
+                             "preconditioning; auto (the default): on for unbounded theta")
     parser.add_argument("--decay", default="default", choices=("default", "cosine", "plateau"),
                         help="plausible's learning-rate decay: cosine over the step bound, or "
                              "halved on validation plateaus (needs --patience > 0); default: "
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                              "cosine)")
     args = parser.parse_args(argv)
     PATIENCE = args.patience
-    BASELINE = args.baseline
+    BASELINE = {"auto": "auto", "on": True, "off": False}[args.baseline]
     DECAY = args.decay if args.decay != "default" else ("plateau" if PATIENCE else "cosine")
     STEP_FACTOR = None if args.max_steps == "default" else float(args.max_steps)
 

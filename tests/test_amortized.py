@@ -440,8 +440,16 @@ def test_baseline_loss_weights_each_entry_by_its_own_scale():
     # with the baseline, a precomputed context alone is refused (it would drop the baseline)
     with pytest.raises(ValueError, match="loc= and scale="):
         npe(x_t, t, context=cond["context"])
-    too_wide = _npe(D=2, dy=5000, baseline=False)
-    assert not too_wide.baseline
+    # "auto": on where r is the identity (and y small enough), off under a bijection
+    assert _npe(prior={"kind": "gaussian", "mean": [0.0, 0.0], "cov": torch.eye(2).tolist()}
+                ).baseline
+    assert _npe().baseline
+    assert not _npe(prior={"kind": "box", "low": [0.0, 0.0], "high": [1.0, 1.0]}).baseline
+    assert not _npe(prior={"kind": "lognormal", "loc": [0.0, 0.0], "scale": [1.0, 1.0]}
+                    ).baseline
+    assert not _npe(D=2, dy=5000).baseline
+    with pytest.raises(ValueError, match="True, False or 'auto'"):
+        _npe(baseline="yes")
     with pytest.raises(ValueError, match="at most 4096"):
         _npe(D=2, dy=5000, baseline=True)
 

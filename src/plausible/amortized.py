@@ -425,7 +425,12 @@ class ConditionalDenoiser(Preconditioned):
             the prior that move with :math:`y` (gaussian_mixture, bernoulli_glm), the
             network's inputs and targets have unit variance at every noise level instead of
             a width-:math:`s` signal inside a unit-variance one. The sampling space is
-            unchanged (so :meth:`given_iid` composes as before).
+            unchanged (so :meth:`given_iid` composes as before). ``"auto"`` (default): on
+            when :math:`r` is the identity (no bounded coordinate, e.g. a Gaussian prior),
+            where a linear regression of :math:`\theta` is meaningful; off otherwise. On
+            gaussian_linear it lowered C2ST from 0.740 / 0.566 to 0.594 / 0.519 at
+            :math:`10^3 / 10^4` simulations (random-forest C2ST; BENCHMARKS.md section 6);
+            under a logit (gaussian_mixture) it was worse.
 
     The standardisation statistics are fitted by :meth:`standardize_from` or, if it was not
     called, from the first training batch that :meth:`loss` sees. They are frozen parameters
@@ -445,7 +450,7 @@ class ConditionalDenoiser(Preconditioned):
         p_uncond: float = 0.0,
         standardize: bool = True,
         eps: float = 1e-6,
-        baseline: bool = False,
+        baseline: bool | str = "auto",
         shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__(net, schedule, sigma_data=sigma_data, shape=shape)
@@ -500,7 +505,12 @@ class ConditionalDenoiser(Preconditioned):
         self.y_scale = _const(torch.ones(self.y_shape))
         self.fitted = _const(torch.zeros(()))
         self.null = nn.Parameter(torch.zeros(int(C))) if p_uncond > 0 else None
-        self.baseline = bool(baseline)
+        if baseline == "auto":
+            baseline = bool((~torch.isfinite(low)).all() and (~torch.isfinite(high)).all()
+                            and math.prod(self.y_shape) <= _BASELINE_MAX_FEATURES)
+        if not isinstance(baseline, bool):
+            raise ValueError(f"baseline must be True, False or 'auto', got {baseline!r}")
+        self.baseline = baseline
         if self.baseline:
             Y = int(math.prod(self.y_shape))
             if Y > _BASELINE_MAX_FEATURES:
