@@ -59,6 +59,7 @@ def plausible_steps(budget: int) -> int:
 
 STEP_FACTOR: float | None = None  # None: plausible's default bound
 DECAY = "cosine"  # plausible's learning-rate decay (--decay)
+LOG_RHO: tuple[float, float] | None = None  # plausible's log-normal noise levels (--log-rho)
 BASELINE: bool | str = "auto"  # plausible's linear-Gaussian preconditioning (--baseline)
 
 #: plausible's samplers (one trained model, several rows): name -> schedule -> options.
@@ -112,7 +113,8 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
                                 decay=DECAY,
                                 validation=HOLD_OUT if PATIENCE else None,
                                 validate_every=VALIDATE_EVERY, log_every=VALIDATE_EVERY,
-                                patience=PATIENCE or None)
+                                patience=PATIENCE or None,
+                                **({"log_rho": LOG_RHO} if LOG_RHO is not None else {}))
         stopped = int(history["stopped"][0]) if "stopped" in history else steps
 
         def draw(y_obs: torch.Tensor, n: int, sampler: str = "ddpm128") -> torch.Tensor:
@@ -124,6 +126,7 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
                     "patience": PATIENCE, "validate_every": VALIDATE_EVERY,
                     "batch_size": 256, "lr": 1e-3, "t_distribution": "lognormal",
                     "decay": DECAY, "baseline": npe.baseline,
+                    "log_rho": list(LOG_RHO) if LOG_RHO is not None else "default",
                     "samplers": {k: str(v(npe.schedule)) for k, v in SAMPLERS.items()},
                     "parameters": sum(p.numel() for p in npe.parameters())}
         return draw, settings
@@ -157,7 +160,7 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    global PATIENCE, STEP_FACTOR, DECAY, BASELINE
+    global PATIENCE, STEP_FACTOR, DECAY, BASELINE, LOG_RHO
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["two_moons", "gaussian_linear", "slcp"])
     parser.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000])
@@ -182,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(plausible.amortized.training_steps: 2000 / 20000 for 10^3 / "
                              "10^4), or a factor of the bound of the earlier tables, 2000 + "
                              "2000 log10(N / 1000) (e.g. 1 for those tables, 5 = 20000 at 10^4)")
+    parser.add_argument("--log-rho", nargs=2, type=float, metavar=("MEAN", "STD"),
+                        help="plausible's training noise levels: log(sigma/alpha) ~ N(MEAN, "
+                             "STD^2) (default: the ConditionalDenoiser's)")
     parser.add_argument("--baseline", default="auto", choices=("auto", "on", "off"),
                         help="plausible's ConditionalDenoiser(baseline=...): a linear-Gaussian "
                              "posterior fitted to the simulations as the denoiser's "
@@ -193,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                              "cosine)")
     args = parser.parse_args(argv)
     PATIENCE = args.patience
+    LOG_RHO = tuple(args.log_rho) if args.log_rho else None
     BASELINE = {"auto": "auto", "on": True, "off": False}[args.baseline]
     DECAY = args.decay if args.decay != "default" else ("plateau" if PATIENCE else "cosine")
     STEP_FACTOR = None if args.max_steps == "default" else float(args.max_steps)

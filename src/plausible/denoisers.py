@@ -206,13 +206,15 @@ class Preconditioned(Denoiser):
         x: Tensor,
         generator: torch.Generator | None = None,
         t_distribution: str = "uniform",
+        log_rho: tuple[float, float] = (-1.2, 1.2),
         **_: Any,
     ) -> dict[str, Tensor]:
         r"""Draws the times and the noise of the denoising loss for a batch ``x`` ``(B, *S)``.
 
         Arguments:
             t_distribution: ``"uniform"`` on [0, 1], or ``"lognormal"`` (EDM: :math:`\log
-                \rho \sim \mathcal{N}(-1.2, 1.2^2)`, mapped to t and clipped to [0, 1]).
+                \rho \sim \mathcal{N}(\mu, s^2)`, mapped to t and clipped to [0, 1]).
+            log_rho: ``(mu, s)`` of the log-normal levels (EDM's ``(-1.2, 1.2)``).
 
         Returns:
             ``{"t": (B,), "eps": (B, *S)}``, to pass to :meth:`loss` (drawing them apart from
@@ -222,10 +224,13 @@ class Preconditioned(Denoiser):
         if t_distribution == "uniform":
             t = torch.rand(B, generator=generator, dtype=x.dtype, device=x.device)
         elif t_distribution == "lognormal":
-            log_rho = -1.2 + 1.2 * torch.randn(
+            mu, s = (float(v) for v in log_rho)
+            if not (math.isfinite(mu) and s > 0):
+                raise ValueError(f"log_rho must be (mean, std) with std > 0, got {log_rho!r}")
+            log_rho_ = mu + s * torch.randn(
                 B, generator=generator, dtype=torch.float64, device=x.device
             )
-            t = self.schedule.t_of_ratio(torch.exp(log_rho)).to(x.dtype)
+            t = self.schedule.t_of_ratio(torch.exp(log_rho_)).to(x.dtype)
         else:
             raise ValueError(
                 f"t_distribution must be 'uniform' or 'lognormal', got {t_distribution!r}"
@@ -242,6 +247,7 @@ class Preconditioned(Denoiser):
         weighting: str = "edm",
         t_distribution: str = "uniform",
         generator: torch.Generator | None = None,
+        log_rho: tuple[float, float] = (-1.2, 1.2),
         **cond: Any,
     ) -> Tensor:
         r"""Denoising score-matching loss :math:`\mathbb{E}\, w(t) \|d(x_t, t) - x\|^2 / |S|`
@@ -253,7 +259,7 @@ class Preconditioned(Denoiser):
                 :meth:`draw_noise` (with ``t_distribution`` and ``generator``) when ``None``.
             weighting: ``"edm"`` (:math:`w = (\rho^2 + s^2) / (\rho s)^2`, unit-variance
                 targets for the network) or ``"none"`` (:math:`w = 1`).
-            t_distribution: See :meth:`draw_noise`.
+            t_distribution, log_rho: See :meth:`draw_noise`.
             generator: Random generator for t and the noise.
             cond: Passed to the backbone (e.g. ``context``).
 
@@ -265,7 +271,7 @@ class Preconditioned(Denoiser):
                 f"x must have shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}"
             )
         if t is None or eps is None:
-            noise = self.draw_noise(x, generator, t_distribution)
+            noise = self.draw_noise(x, generator, t_distribution, log_rho=log_rho)
             t = noise["t"] if t is None else t
             eps = noise["eps"] if eps is None else eps
         if eps.shape != x.shape:
