@@ -27,11 +27,19 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     single = tmp_path / "single.safetensors"
     subprocess.run([sys.executable, str(SCRIPT), str(single)], check=True, env=env, timeout=300)
     double = tmp_path / "ddp.safetensors"
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(SCRIPT), str(double)],
-        check=True, env=env, timeout=300, capture_output=True,
-    )
+    # torchrun's standalone rendezvous can lose a race for its free port when other jobs start
+    # processes at the same moment (seen once in a full CI run; the script itself passed every
+    # rerun): one retry, and the launcher's output in the failure message
+    for _ in range(2):
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node=2", str(SCRIPT), str(double)],
+            env=env, timeout=300, capture_output=True, text=True,
+        )
+        if run.returncode == 0:
+            break
+    assert run.returncode == 0, (f"torchrun failed twice:\n{run.stdout[-3000:]}\n"
+                                 f"{run.stderr[-3000:]}")
     w1, loss1 = _read(single)
     w2, loss2 = _read(double)
     assert len(loss1) == len(loss2) == 20
