@@ -61,6 +61,7 @@ STEP_FACTOR: float | None = None  # None: plausible's default bound
 DECAY = "cosine"  # plausible's learning-rate decay (--decay)
 LOG_RHO: tuple[float, float] | None = None  # plausible's log-normal noise levels (--log-rho)
 BASELINE: bool | str = "auto"  # plausible's linear-Gaussian preconditioning (--baseline)
+SUPPORT = "auto"  # how plausible keeps samples in a box prior (--support)
 
 #: plausible's samplers (one trained model, several rows): name -> schedule -> options.
 SAMPLERS: dict[str, Any] = {
@@ -106,7 +107,7 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
     torch.manual_seed(seed)
     if method == "plausible":
         npe = ConditionalDenoiser.mlp(task.dim_theta, task.dim_y, prior=task.prior,
-                                      baseline=BASELINE)
+                                      baseline=BASELINE, support=SUPPORT)
         steps = plausible_steps(budget)
         npe.standardize_from(theta, y)
         history = plausible.fit(npe, (theta, y), steps=steps, batch_size=256, progress=False,
@@ -125,7 +126,8 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
                     "steps_run": stopped, "hold_out": HOLD_OUT if PATIENCE else 0,
                     "patience": PATIENCE, "validate_every": VALIDATE_EVERY,
                     "batch_size": 256, "lr": 1e-3, "t_distribution": "lognormal",
-                    "decay": DECAY, "baseline": npe.baseline,
+                    "decay": DECAY, "baseline": npe.baseline, "support": npe.support,
+                    "expected_acceptance": npe.expected_acceptance,
                     "log_rho": list(LOG_RHO) if LOG_RHO is not None else "default",
                     "samplers": {k: str(v(npe.schedule)) for k, v in SAMPLERS.items()},
                     "parameters": sum(p.numel() for p in npe.parameters())}
@@ -160,7 +162,7 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    global PATIENCE, STEP_FACTOR, DECAY, BASELINE, LOG_RHO
+    global PATIENCE, STEP_FACTOR, DECAY, BASELINE, LOG_RHO, SUPPORT
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["two_moons", "gaussian_linear", "slcp"])
     parser.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000])
@@ -192,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="plausible's ConditionalDenoiser(baseline=...): a linear-Gaussian "
                              "posterior fitted to the simulations as the denoiser's "
                              "preconditioning; auto (the default): on for unbounded theta")
+    parser.add_argument("--support", default="auto", choices=("auto", "reject", "bijection"),
+                        help="plausible's ConditionalDenoiser(support=...) for box priors: "
+                             "rejection of samples outside the box, the logit, or auto (the "
+                             "default: rejection where the baseline's expected acceptance is "
+                             ">= 0.9)")
     parser.add_argument("--decay", default="default", choices=("default", "cosine", "plateau"),
                         help="plausible's learning-rate decay: cosine over the step bound, or "
                              "halved on validation plateaus (needs --patience > 0); default: "
@@ -201,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     PATIENCE = args.patience
     LOG_RHO = tuple(args.log_rho) if args.log_rho else None
     BASELINE = {"auto": "auto", "on": True, "off": False}[args.baseline]
+    SUPPORT = args.support
     DECAY = args.decay if args.decay != "default" else ("plateau" if PATIENCE else "cosine")
     STEP_FACTOR = None if args.max_steps == "default" else float(args.max_steps)
 

@@ -537,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "every 50 steps, halve the learning rate after every P // 3 "
                                 "validations without improvement, stop after P and keep the "
                                 "best weights (0: train all steps, cosine decay; default 10)")
+    sbi_train.add_argument("--support", choices=("auto", "reject", "bijection"), default="auto",
+                           help="box priors: reject samples outside the box, or sample "
+                                "through the logit; auto (default) decides from the "
+                                "simulations (ConditionalDenoiser's support=)")
     sbi_train.add_argument("--resume", action="store_true", help="continue a crashed run")
     sbi_train.add_argument("--quiet", action="store_true", help="no progress bar")
     sbi_train.set_defaults(handler=_sbi_train, subparser=sbi_train)
@@ -877,7 +881,8 @@ def _sbi_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     theta, y = torch.cat(thetas), torch.cat(ys)
     simulate_s = time.perf_counter() - tick
     out = Path(args.out)
-    npe = ConditionalDenoiser.mlp(task.dim_theta, task.dim_y, prior=task.prior)
+    npe = ConditionalDenoiser.mlp(task.dim_theta, task.dim_y, prior=task.prior,
+                                  support=args.support)
     npe.standardize_from(theta, y)
     tick = time.perf_counter()
     # with early stopping the learning rate halves on validation plateaus, so that the rate at
@@ -895,7 +900,8 @@ def _sbi_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         return _sbi_error("train", error)
     info = {"task": args.task, "simulations": n, "steps": steps, "seed": args.seed,
             "batch_size": args.batch_size, "simulate_s": simulate_s,
-            "patience": args.patience, "decay": decay,
+            "patience": args.patience, "decay": decay, "support": npe.support,
+            "baseline": npe.baseline, "expected_acceptance": npe.expected_acceptance,
             "steps_run": int(history["stopped"][0]) if "stopped" in history else steps,
             "train_s": time.perf_counter() - tick}
     (out / "sbi.json").write_text(json.dumps(info, indent=1))

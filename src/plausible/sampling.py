@@ -132,7 +132,9 @@ def sample(
     Returns:
         Samples of shape ``(n, *denoiser.shape)``; for a denoiser that defines ``decode`` (one
         that samples a transformed space, such as ``ConditionalDenoiser.given(y)`` with a
-        bounded prior), ``denoiser.decode(x)``: samples of :math:`\theta`.
+        bounded prior), ``denoiser.decode(x)``: samples of :math:`\theta`; for one that
+        samples by rejection (``rejects``, e.g. ``ConditionalDenoiser(support="reject")`` with
+        a box prior), its own ``sample``: ``n`` samples inside the support.
     """
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"sample expects a Denoiser, got {type(denoiser).__name__}")
@@ -140,6 +142,17 @@ def sample(
         raise ValueError("the denoiser's state shape is unknown: build it with shape=(...)")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
+    if getattr(denoiser, "rejects", False):
+        # a posterior restricted to its prior's support by rejection (an amortized posterior
+        # with support="reject") draws in rounds; it calls back here for each round
+        if x_1 is not None:
+            raise ValueError("x_1 cannot be given for a posterior sampled by rejection (its "
+                             "rounds need fresh noise)")
+        return denoiser.sample(  # type: ignore[attr-defined]
+            n, steps=steps, sampler=sampler, grid=grid, eta=eta, order=order,
+            corrections=corrections, tau=tau, correct_above=correct_above,
+            generator=generator, seed=seed, dtype=dtype, device=device, progress=progress,
+            **cond)
     if sampler is None:  # the denoiser's own defaults, where the caller gives none
         defaults = dict(getattr(denoiser, "sampling", None) or {})
         sampler = defaults.pop("sampler", "ddpm")
