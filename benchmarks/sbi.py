@@ -66,6 +66,7 @@ SUPPORT = "auto"  # how plausible keeps samples in a box prior (--support)
 #: plausible's samplers (one trained model, several rows): name -> schedule -> options.
 SAMPLERS: dict[str, Any] = {
     "ddpm128": lambda schedule: {"steps": 128, "sampler": "ddpm"},
+    "ddpm128log": lambda schedule: {"steps": 128, "sampler": "ddpm", "grid": "logsnr"},
     "dpm++32": lambda schedule: {"steps": 32, "sampler": "dpm++", "grid": "logsnr"},
     "unipc16": lambda schedule: {"steps": 16, "sampler": "unipc",
                                  "grid": plausible.time_grid(16, "logsnr", schedule, power=1.2)},

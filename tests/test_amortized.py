@@ -784,3 +784,23 @@ def test_gauss_composition_under_rejection_with_a_uniform_prior(n):
     t_std = torch.tensor(stats.truncnorm.std(A.numpy(), B.numpy(), loc=ybar.numpy(), scale=sd))
     assert (((theta.mean(0) - t_mean) / t_std).abs() < 4 / math.sqrt(N)).all()
     assert ((theta.std(0) / t_std - 1).abs() < 4 / math.sqrt(2 * N)).all()
+
+
+def test_given_iid_estimates_the_covariances_in_the_sampling_space():
+    """GAUSS's default per-observation covariances are those of z, not of theta: with the
+    network zeroed, the baseline model's posterior is z | y ~ N(W y + b, diag(s)^2) while theta
+    = 3 z (z_scale 3; the bug this guards against estimated them 9x too large). Estimated from
+    4000 samples, within 4 standard errors of a variance (sqrt(2 / 4000) relative) plus the
+    3 % bias of DPM++ with 32 steps (measured +2.5 % on this Gaussian with 20000 samples)."""
+    npe = _npe(D=2, dy=2, baseline=True)
+    s = torch.tensor([0.5, 0.8])
+    with torch.no_grad():
+        for p in npe.backbone.parameters():
+            p.zero_()
+        npe.b_weight.copy_(torch.eye(2))
+        npe.b_scale.copy_(s)
+        npe.z_scale.fill_(3.0)
+        npe.fitted.fill_(1.0)
+    iid = npe.given_iid(torch.tensor([[0.2, -0.1], [0.4, 0.3]]), cov_samples=4000)
+    var = torch.diagonal(torch.linalg.inv(iid.prec), dim1=-2, dim2=-1)  # (2, 2)
+    assert ((var / s.double() ** 2 - 1).abs() < 0.03 + 4 * math.sqrt(2 / 4000)).all(), var

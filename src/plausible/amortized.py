@@ -1050,7 +1050,9 @@ class ConditionalDenoiser(Preconditioned):
                 :meth:`prior_denoiser`.
             covariances: Per-observation posterior covariances ``(n, D, D)`` in the sampling
                 space for ``"gauss"``; default: estimated from ``cov_samples`` samples of each
-                per-observation posterior (``cov_steps`` DDPM steps).
+                per-observation posterior (``cov_steps`` DPM++ steps on a log-SNR grid; on an
+                exact Gaussian, 32 steps over-disperse the variances by 2.5 %, where DDPM
+                under-disperses them by 20 %).
 
         With ``support="reject"`` and a box prior, the composition happens in :math:`\\theta`'s
         own coordinates with the exact uniform prior (:class:`BoxDenoiser`) and the samples
@@ -1067,7 +1069,13 @@ class ConditionalDenoiser(Preconditioned):
         if method == "gauss" and covariances is None:
             from .sampling import sample
 
-            z = sample(post, cov_samples, steps=cov_steps, seed=seed, progress=False)
+            # of z, the sampling space (plausible.sample(post) would decode them to theta);
+            # DPM++ on a log-SNR grid: DDPM's under-dispersion biases covariances low (-20 %
+            # at 32 steps on a Gaussian, against +2.5 % for DPM++)
+            opts = {"steps": cov_steps, "sampler": "dpm++", "grid": "logsnr", "seed": seed}
+            z = sample(_Bare(post), cov_samples, progress=False, **opts)
+            if post.rejects:  # the per-observation posteriors are restricted to the box
+                z = self.encode(post.sample(cov_samples, **opts))
             z = z.to(_F64).transpose(0, 1)  # (n, S, D)
             zc = z - z.mean(1, keepdim=True)
             covariances = zc.transpose(1, 2) @ zc / (cov_samples - 1)
