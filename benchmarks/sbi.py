@@ -62,10 +62,13 @@ DECAY = "cosine"  # plausible's learning-rate decay (--decay)
 LOG_RHO: tuple[float, float] | None = None  # plausible's log-normal noise levels (--log-rho)
 BASELINE: bool | str = "auto"  # plausible's linear-Gaussian preconditioning (--baseline)
 SUPPORT = "auto"  # how plausible keeps samples in a box prior (--support)
+DEFAULT_SAMPLER = "ddpm128log"  # plausible's default (AmortizedPosterior.sample): row "plausible"
 
 #: plausible's samplers (one trained model, several rows): name -> schedule -> options.
 SAMPLERS: dict[str, Any] = {
-    "ddpm128": lambda schedule: {"steps": 128, "sampler": "ddpm"},
+    # the rows "plausible" of the tables before the seventh session: a uniform time grid
+    "ddpm128": lambda schedule: {"steps": 128, "sampler": "ddpm", "grid": "uniform"},
+    # the library's default since the seventh session (the rows "plausible" from then on)
     "ddpm128log": lambda schedule: {"steps": 128, "sampler": "ddpm", "grid": "logsnr"},
     "dpm++32": lambda schedule: {"steps": 32, "sampler": "dpm++", "grid": "logsnr"},
     "unipc16": lambda schedule: {"steps": 16, "sampler": "unipc",
@@ -119,7 +122,7 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
                                 **({"log_rho": LOG_RHO} if LOG_RHO is not None else {}))
         stopped = int(history["stopped"][0]) if "stopped" in history else steps
 
-        def draw(y_obs: torch.Tensor, n: int, sampler: str = "ddpm128") -> torch.Tensor:
+        def draw(y_obs: torch.Tensor, n: int, sampler: str = DEFAULT_SAMPLER) -> torch.Tensor:
             return npe.given(y_obs).sample(n, seed=seed, progress=False,
                                            **SAMPLERS[sampler](npe.schedule))
 
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="C2ST classifier: sbibm's MLP (default; slow, up to ~40 CPU min "
                              "per observation when the two sets are close in 10-D) or a "
                              "random forest (fast, NOT sbibm's figure)")
-    parser.add_argument("--plausible-samplers", nargs="+", default=["ddpm128"],
+    parser.add_argument("--plausible-samplers", nargs="+", default=[DEFAULT_SAMPLER],
                         choices=sorted(SAMPLERS),
                         help="samplers of plausible's model (one training, a row each)")
     parser.add_argument("--patience", type=int, default=PATIENCE,
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                     for s in (args.plausible_samplers if m == "plausible" else [None])]
             trained: dict[str, Any] = {}
             for method, sampler in jobs:
-                label = method if sampler in (None, "ddpm128") else f"{method} ({sampler})"
+                label = method if sampler in (None, DEFAULT_SAMPLER) else f"{method} ({sampler})"
                 row: dict[str, Any] = {"task": name, "budget": budget, "method": label}
                 try:
                     t0, c0 = time.perf_counter(), time.process_time()

@@ -77,7 +77,7 @@ def sample(
     steps: int = 64,
     sampler: str | None = None,
     *,
-    grid: str | Tensor = "uniform",
+    grid: str | Tensor | None = None,
     eta: float | None = None,
     order: int = 2,
     corrections: int | None = None,
@@ -104,7 +104,9 @@ def sample(
             :class:`~plausible.MMPS`), whose ``eta``, ``corrections``, ``tau`` and
             ``correct_above`` apply where these are not given.
         grid: ``"uniform"``, ``"logsnr"`` or ``"karras"`` (see
-            :func:`~plausible.schedules.time_grid`) or a decreasing tensor of times from 1 to 0.
+            :func:`~plausible.schedules.time_grid`) or a decreasing tensor of times from 1 to 0;
+            ``None`` (default): the denoiser's ``sampling["grid"]`` if it names one (a log-SNR
+            grid for amortized posteriors), else ``"uniform"``.
         eta: Stochasticity of the ``"ddim"`` step and of the ``"pc"`` predictor (default 0;
             ``"ddpm"`` is ``eta = 1``).
         order: Order of the ``"dpm"`` / ``"dpm++"`` / ``"unipc"`` multistep solvers (1, 2 or
@@ -160,6 +162,8 @@ def sample(
         corrections = defaults.get("corrections") if corrections is None else corrections
         tau = defaults.get("tau") if tau is None else tau
         correct_above = defaults.get("correct_above") if correct_above is None else correct_above
+    if grid is None:
+        grid = (getattr(denoiser, "sampling", None) or {}).get("grid", "uniform")
     corrections = 1 if corrections is None else corrections
     tau = 0.25 if tau is None else tau
     correct_above = 0.0 if correct_above is None else float(correct_above)
