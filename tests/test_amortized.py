@@ -804,3 +804,27 @@ def test_given_iid_estimates_the_covariances_in_the_sampling_space():
     iid = npe.given_iid(torch.tensor([[0.2, -0.1], [0.4, 0.3]]), cov_samples=4000)
     var = torch.diagonal(torch.linalg.inv(iid.prec), dim1=-2, dim2=-1)  # (2, 2)
     assert ((var / s.double() ** 2 - 1).abs() < 0.03 + 4 * math.sqrt(2 / 4000)).all(), var
+
+
+def test_default_sampler_keeps_narrow_posteriors_dispersed():
+    """DDPM under-disperses (each step drops the spread of x_0 given x_t). On a uniform t grid
+    that grows as the posterior narrows; the posteriors' default log-SNR grid keeps it about
+    the same at every width. Exact Gaussian posterior N(W y + b, diag(0.1, 0.02)^2) (zeroed
+    network with the baseline), 8000 draws of 128 steps: measured variance ratios 0.90 / 0.90
+    by default and 0.76 / 0.42 on the uniform grid; bounds 0.8-1.0 (about 6 standard errors of
+    a variance, sqrt(2 / 8000) = 1.6 %, below the measured value) and below 0.6."""
+    npe = _npe(D=2, dy=2, baseline=True)
+    s = torch.tensor([0.1, 0.02])
+    with torch.no_grad():
+        for p in npe.backbone.parameters():
+            p.zero_()
+        npe.b_weight.copy_(torch.eye(2))
+        npe.b_scale.copy_(s)
+        npe.fitted.fill_(1.0)
+    post = npe.given(torch.tensor([0.2, -0.1]))
+    ratio = post.sample(8000, seed=0).var(0) / s**2
+    assert ((ratio > 0.8) & (ratio < 1.0)).all(), ratio
+    assert torch.equal(plausible.sample(post, 300, steps=128, seed=1, progress=False),
+                       post.sample(300, seed=1))  # the same default through plausible.sample
+    uniform = post.sample(8000, seed=0, grid="uniform").var(0) / s**2
+    assert uniform[1] < 0.6, uniform
