@@ -613,18 +613,24 @@ def test_box_denoiser_is_the_truncated_normal_mean():
         BoxDenoiser(torch.tensor([1.0]), torch.tensor([1.0]))
 
 
-def _rejecting_model(W, b, s, low, high, support="reject"):
-    """A fitted box-prior model with identity standardisation whose network outputs zero, so
-    that with the baseline it is the exact denoiser of z | y ~ N(W y + b, diag(s)^2)."""
-    npe = _npe(D=2, dy=2, bounds=(low, high), support=support, baseline=True)
+def _zeroed_baseline(W, b, s, z_scale=1.0, **kwargs):
+    """A fitted model (standardisation z = theta / z_scale) whose network outputs zero, so that
+    with the baseline it is the exact denoiser of z | y ~ N(W y + b, diag(s)^2)."""
+    npe = _npe(D=2, dy=2, baseline=True, **kwargs)
     with torch.no_grad():
         for p in npe.backbone.parameters():
             p.zero_()
         npe.b_weight.copy_(W)
         npe.b_bias.copy_(b)
         npe.b_scale.copy_(s)
+        npe.z_scale.fill_(z_scale)
         npe.fitted.fill_(1.0)
     return npe
+
+
+def _rejecting_model(W, b, s, low, high):
+    """:func:`_zeroed_baseline` on a box prior sampled by rejection."""
+    return _zeroed_baseline(W, b, s, bounds=(low, high), support="reject")
 
 
 def test_rejection_gives_the_gaussian_truncated_to_the_box():
@@ -792,15 +798,8 @@ def test_given_iid_estimates_the_covariances_in_the_sampling_space():
     = 3 z (z_scale 3; the bug this guards against estimated them 9x too large). Estimated from
     4000 samples, within 4 standard errors of a variance (sqrt(2 / 4000) relative) plus the
     3 % bias of DPM++ with 32 steps (measured +2.5 % on this Gaussian with 20000 samples)."""
-    npe = _npe(D=2, dy=2, baseline=True)
     s = torch.tensor([0.5, 0.8])
-    with torch.no_grad():
-        for p in npe.backbone.parameters():
-            p.zero_()
-        npe.b_weight.copy_(torch.eye(2))
-        npe.b_scale.copy_(s)
-        npe.z_scale.fill_(3.0)
-        npe.fitted.fill_(1.0)
+    npe = _zeroed_baseline(torch.eye(2), torch.zeros(2), s, z_scale=3.0)
     iid = npe.given_iid(torch.tensor([[0.2, -0.1], [0.4, 0.3]]), cov_samples=4000)
     var = torch.diagonal(torch.linalg.inv(iid.prec), dim1=-2, dim2=-1)  # (2, 2)
     assert ((var / s.double() ** 2 - 1).abs() < 0.03 + 4 * math.sqrt(2 / 4000)).all(), var
@@ -813,14 +812,8 @@ def test_default_sampler_keeps_narrow_posteriors_dispersed():
     network with the baseline), 8000 draws of 128 steps: measured variance ratios 0.90 / 0.90
     by default and 0.76 / 0.42 on the uniform grid; bounds 0.8-1.0 (about 6 standard errors of
     a variance, sqrt(2 / 8000) = 1.6 %, below the measured value) and below 0.6."""
-    npe = _npe(D=2, dy=2, baseline=True)
     s = torch.tensor([0.1, 0.02])
-    with torch.no_grad():
-        for p in npe.backbone.parameters():
-            p.zero_()
-        npe.b_weight.copy_(torch.eye(2))
-        npe.b_scale.copy_(s)
-        npe.fitted.fill_(1.0)
+    npe = _zeroed_baseline(torch.eye(2), torch.zeros(2), s)
     post = npe.given(torch.tensor([0.2, -0.1]))
     ratio = post.sample(8000, seed=0).var(0) / s**2
     assert ((ratio > 0.8) & (ratio < 1.0)).all(), ratio
