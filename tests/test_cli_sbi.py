@@ -97,3 +97,25 @@ def test_check_reports_calibration(run, tmp_path, capsys):
     for name in ("sbc.png", "sbc_ecdf.png", "tarp.png", "coverage.png"):
         assert (out / name).is_file()
     assert "TARP" in capsys.readouterr().out
+
+
+def test_train_support_flag(tmp_path):
+    """gaussian_mixture's posteriors are narrow against its box (expected acceptance about
+    0.94): --support auto (the default) rejects, --support bijection forces the logit; the
+    choice is saved with the model and in sbi.json, and sampling stays inside the box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for flag, support in ((None, "reject"), ("bijection", "bijection")):
+            out = tmp_path / f"run_{support}"
+            argv = ["sbi", "train", "--task", "gaussian_mixture", "--simulations", "400",
+                    "--steps", "10", "--batch-size", "64", "--out", str(out), "--quiet"]
+            assert main(argv + (["--support", flag] if flag else [])) == 0
+            info = json.loads((out / "sbi.json").read_text())
+            model = load(out)
+            assert model.support == info["support"] == support
+            assert model.baseline == (support == "reject")
+            theta = model.given(torch.tensor([9.5, -9.8])).sample(200, steps=8, seed=0)
+            assert bool(model.inside(theta).all())
+    finally:
+        torch.set_num_threads(threads)
