@@ -139,3 +139,20 @@ def test_loading_never_unpickles(trained, monkeypatch):
     monkeypatch.setattr(pickle, "loads", forbidden)
     monkeypatch.setattr(torch, "load", forbidden)
     plausible.load(run)
+
+
+def test_load_a_conditional_denoiser_in_a_fresh_process(tmp_path):
+    """plausible.amortized is imported lazily; load() must import it for its classes (the
+    `plausible sbi sample` and `check` commands run in a process that never imported it)."""
+    from plausible.amortized import ConditionalDenoiser
+    from plausible.checkpoints import save_model
+
+    npe = ConditionalDenoiser.mlp(2, 3, hidden=16, blocks=1, context=4)
+    npe.standardize_from(torch.randn(50, 2), torch.randn(50, 3))
+    save_model(npe, tmp_path / "npe")
+    code = ("import sys, plausible; m = plausible.load(sys.argv[1]); "
+            "print(type(m).__name__, m.is_fitted, 'plausible.amortized' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "npe")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ConditionalDenoiser", "True", "True"]

@@ -105,10 +105,19 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     )
 
 
+#: Registered classes of plausible's lazily imported modules: the module that registers them,
+#: imported on demand so that ``load`` works in a fresh process.
+_PROVIDERS = {"ConditionalDenoiser": "amortized", "MLPEmbedding": "amortized"}
+
+
 def build_model(spec: dict[str, Any], tensors: dict[str, Tensor] | None = None) -> nn.Module:
     """Rebuilds a module from :func:`model_config`'s output (weights not loaded)."""
     if not isinstance(spec, dict) or "class" not in spec or "config" not in spec:
         raise CheckpointError(f"invalid model config: expected {{'class', 'config'}}, got {spec}")
+    if spec["class"] not in _REGISTRY and spec["class"] in _PROVIDERS:
+        import importlib
+
+        importlib.import_module(f"plausible.{_PROVIDERS[spec['class']]}")
     if spec["class"] not in _REGISTRY:
         raise CheckpointError(
             f"unknown model class {spec['class']!r} in checkpoint; known: {sorted(_REGISTRY)} "
