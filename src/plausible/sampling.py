@@ -8,6 +8,19 @@ time grid :math:`1 = t_0 > \dots > t_N = 0`. With :math:`\hat{x} = d(x_t, t)` an
 
 - ``"ddpm"``: ancestral sampling, the exact Gaussian transition :math:`q(x_s \mid x_t, x =
   \hat{x})` (DDIM with :math:`\eta = 1`);
+- ``"ddpm-cov"``: ancestral sampling with the moment-matched transition (Bao et al. 2022's
+  optimal covariance, with Tweedie's full covariance as in Boys et al. 2023's moment
+  projection): DDPM's step draws as though :math:`\hat{x}` were certain, and so loses the
+  spread :math:`c_0^2\, \mathbb{V}[x \mid x_t]` at every step (it under-disperses, the more
+  the narrower the distribution is on the grid); this step draws :math:`x_s \sim
+  \mathcal{N}(\alpha_s \hat{x} + \sqrt{\sigma_s^2 - c^2}\,\hat\epsilon,\ c^2 I + c_0^2\,
+  \mathbb{V}[x \mid x_t])`, :math:`c_0 = \alpha_s - \alpha_t \sqrt{\sigma_s^2 - c^2} /
+  \sigma_t`, with Tweedie's covariance :math:`\mathbb{V}[x \mid x_t] = \frac{\sigma_t^2}
+  {\alpha_t} \frac{J + J^\top}{2}` (eigenvalues clipped at 0), :math:`J = \partial d /
+  \partial x_t` by forward differences in one batched call of :math:`(D + 1) n` states. The
+  transition is exact, at any number of steps, when :math:`p(x \mid x_t)` is Gaussian.
+  :math:`D + 1` evaluations a step: for states of at most ``COV_MAX_DIM`` values (the
+  parameters of simulation-based inference);
 - ``"ddim"``: :math:`x_s = \alpha_s \hat{x} + \sqrt{\sigma_s^2 - c^2}\,\hat\epsilon + c z`,
   :math:`c = \eta\, \sigma_s \sqrt{1 - (\alpha_t \sigma_s / \alpha_s \sigma_t)^2}`
   (default :math:`\eta = 0`, the first-order exponential integrator of the probability-flow
@@ -47,16 +60,22 @@ from tqdm.auto import tqdm
 from .denoisers import Denoiser
 from .schedules import time_grid
 
-__all__ = ["sample", "SAMPLERS", "evaluations"]
+__all__ = ["sample", "SAMPLERS", "COV_MAX_DIM", "evaluations"]
 
-SAMPLERS = ("ddpm", "ddim", "heun", "pc", "dpm", "dpm++", "unipc")
+SAMPLERS = ("ddpm", "ddpm-cov", "ddim", "heun", "pc", "dpm", "dpm++", "unipc")
+#: ``"ddpm-cov"`` forms the full Jacobian: states of at most this many values.
+COV_MAX_DIM = 64
 #: ``sample`` raises when a state exceeds this multiple of the initial noise's scale.
 DIVERGED = 1e8
 
 
-def evaluations(sampler: str, steps: int, corrections: int = 1) -> int:
+def evaluations(sampler: str, steps: int, corrections: int = 1, dim: int = 1) -> int:
     """Number of denoiser evaluations that :func:`sample` makes for one batch (for ``"pc"``
-    with ``correct_above > 0``, an upper bound: the low-noise steps skip their corrections)."""
+    with ``correct_above > 0``, an upper bound: the low-noise steps skip their corrections;
+    for ``"ddpm-cov"``, ``steps * (dim + 1)`` for states of ``dim`` values, made as ``steps``
+    calls on ``dim + 1`` times the batch)."""
+    if sampler == "ddpm-cov":
+        return steps * (dim + 1)
     if sampler == "heun":
         return 2 * steps
     if sampler == "pc":
@@ -97,7 +116,7 @@ def sample(
         denoiser: Any :class:`~plausible.denoisers.Denoiser` with a known ``shape``.
         n: Number of samples.
         steps: Number of steps of the time grid.
-        sampler: One of ``"ddpm"``, ``"ddim"``, ``"heun"``, ``"pc"``, ``"dpm"``, ``"dpm++"``,
+        sampler: One of ``"ddpm"``, ``"ddpm-cov"``, ``"ddim"``, ``"heun"``, ``"pc"``, ``"dpm"``, ``"dpm++"``,
             ``"unipc"``; ``None`` (default): the denoiser's :attr:`~plausible.denoisers.
             Denoiser.sampling` (``"ddpm"`` unless the denoiser says otherwise; ``"pc"`` with
             ``eta = 1``, one correction, ``tau = 0.25``, ``correct_above = 0.2`` for
@@ -177,6 +196,11 @@ def sample(
         raise ValueError(f"tau must be > 0, got {tau!r}")
     if not correct_above >= 0:
         raise ValueError(f"correct_above must be >= 0, got {correct_above!r}")
+    dim = math.prod(denoiser.shape)
+    if sampler == "ddpm-cov" and dim > COV_MAX_DIM:
+        raise ValueError(f"sampler 'ddpm-cov' forms the {dim} x {dim} Jacobian of the denoiser "
+                         f"at every step: it is for states of at most {COV_MAX_DIM} values; "
+                         "use 'ddpm' or another sampler")
     dtype = dtype or torch.get_default_dtype()
     device = torch.device(device) if device is not None else _device_of(denoiser)
     if generator is None and seed is not None:
@@ -220,7 +244,17 @@ def sample(
     for i in tqdm(range(steps), desc=f"sampling ({sampler})", disable=not progress,
                   leave=False):
         a_t, s_t, a_s, s_s = alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]
-        if sampler in ("ddpm", "ddim", "pc"):
+        if sampler == "ddpm-cov":
+            x_hat, jac = _jacobian(lambda v: d(v, i), x)
+            c2 = s_s**2 * (1 - (a_t * s_s / (a_s * s_t)) ** 2).clamp(min=0)
+            k = torch.sqrt((s_s**2 - c2).clamp(min=0)) / s_t
+            c0 = a_s - k * a_t
+            cov = (s_t**2 / a_t) * (jac + jac.transpose(1, 2)) / 2  # V[x | x_t], (n, D, D)
+            lam, vec = torch.linalg.eigh(cov)
+            std = torch.sqrt(c2 + c0**2 * lam.clamp(min=0))
+            noise = (vec @ (std * randn().reshape(n, dim))[..., None])[..., 0]
+            x = a_s * x_hat + k * (x - a_t * x_hat) + noise.reshape(shape)
+        elif sampler in ("ddpm", "ddim", "pc"):
             x_hat = d(x, i)
             eps = (x - a_t * x_hat) / s_t
             e = eta
@@ -276,6 +310,23 @@ def sample(
     decode = getattr(denoiser, "decode", None)
     return decode(x) if callable(decode) else x
 
+
+
+def _jacobian(f: Any, x: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``f(x)`` and its per-sample Jacobian by forward differences, in one call of ``f`` on
+    :math:`(D + 1) n` states: ``x`` ``(n, *S)`` with :math:`D = \prod S` values; returns
+    ``f(x)`` ``(n, *S)`` and :math:`J_{kij} = \partial f(x)_{ki} / \partial x_{kj}` ``(n, D,
+    D)``. The step :math:`h = 4 \sqrt{\epsilon} \max(1, |x_k|_\infty)` per sample (machine
+    epsilon of the dtype) balances truncation and rounding errors."""
+    n, dim = x.shape[0], math.prod(x.shape[1:])
+    flat = x.reshape(n, dim)
+    h = 4 * math.sqrt(torch.finfo(x.dtype).eps) * flat.abs().amax(1).clamp(min=1.0)  # (n,)
+    eye = torch.eye(dim, dtype=x.dtype, device=x.device)
+    shifted = flat[None] + h[None, :, None] * eye[:, None, :]  # (D, n, D): x + h e_j
+    out = f(torch.cat([flat[None], shifted]).reshape(n * (dim + 1), *x.shape[1:]))
+    out = out.reshape(dim + 1, n, dim)
+    jac = (out[1:] - out[0][None]) / h[None, :, None]  # (D, n, D): [j, k, i] = df_i / dx_j
+    return out[0].reshape(x.shape), jac.permute(1, 2, 0)
 
 
 def _exponential_step(x: Tensor, pred: Tensor, sampler: str, a_t: Tensor, s_t: Tensor,
