@@ -116,12 +116,12 @@ def sample(
         denoiser: Any :class:`~plausible.denoisers.Denoiser` with a known ``shape``.
         n: Number of samples.
         steps: Number of steps of the time grid.
-        sampler: One of ``"ddpm"``, ``"ddpm-cov"``, ``"ddim"``, ``"heun"``, ``"pc"``, ``"dpm"``, ``"dpm++"``,
-            ``"unipc"``; ``None`` (default): the denoiser's :attr:`~plausible.denoisers.
-            Denoiser.sampling` (``"ddpm"`` unless the denoiser says otherwise; ``"pc"`` with
-            ``eta = 1``, one correction, ``tau = 0.25``, ``correct_above = 0.2`` for
-            :class:`~plausible.MMPS`), whose ``eta``, ``corrections``, ``tau`` and
-            ``correct_above`` apply where these are not given.
+        sampler: One of ``"ddpm"``, ``"ddpm-cov"``, ``"ddim"``, ``"heun"``, ``"pc"``,
+            ``"dpm"``, ``"dpm++"``, ``"unipc"``; ``None`` (default): the denoiser's
+            :attr:`~plausible.denoisers.Denoiser.sampling` (``"ddpm"`` unless the denoiser
+            says otherwise; ``"pc"`` with ``eta = 1``, one correction, ``tau = 0.25``,
+            ``correct_above = 0.2`` for :class:`~plausible.MMPS`), whose ``eta``,
+            ``corrections``, ``tau`` and ``correct_above`` apply where these are not given.
         grid: ``"uniform"``, ``"logsnr"`` or ``"karras"`` (see
             :func:`~plausible.schedules.time_grid`) or a decreasing tensor of times from 1 to 0;
             ``None`` (default): the denoiser's ``sampling["grid"]`` if it names one (a log-SNR
