@@ -73,6 +73,13 @@ def test_sample_with_explicit_y_and_bad_arguments(run, tmp_path, capsys):
     assert main(["sbi", "sample", str(run), "--y", "0.1,-0.2", "-n", "20", "--steps", "4",
                  "--out", str(out), "--quiet"]) == 0
     assert load_file(str(out))["theta"].shape == (20, 2)
+    # the moment-matched sampler, through the logit of two_moons' box
+    assert main(["sbi", "sample", str(run), "--y", "0.1,-0.2", "-n", "20", "--steps", "4",
+                 "--sampler", "ddpm-cov", "--seed", "1", "--out", str(out), "--quiet"]) == 0
+    theta = load_file(str(out))["theta"]
+    expected = load(run).given(torch.tensor([0.1, -0.2])).sample(20, steps=4, seed=1,
+                                                                 sampler="ddpm-cov")
+    assert torch.equal(theta, expected) and theta.abs().max() <= 1
     with pytest.raises(SystemExit) as info:
         main(["sbi", "sample", str(run), "--y", "0.1", "-n", "5"])
     assert info.value.code == 2

@@ -459,8 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     draw.add_argument("--steps", metavar="S", type=_int_at_least(1), default=64,
                       help="sampler steps (default: 64)")
     draw.add_argument("--sampler", default="ddpm",
-                      choices=["ddpm", "ddim", "heun", "pc", "dpm", "dpm++"],
-                      help="sampler (default: ddpm)")
+                      choices=["ddpm", "ddpm-cov", "ddim", "heun", "pc", "dpm", "dpm++"],
+                      help="sampler (default: ddpm; ddpm-cov: states of at most 64 values)")
     draw.add_argument("--grid", default="uniform", choices=["uniform", "logsnr", "karras"],
                       help="time grid (default: uniform)")
     draw.add_argument("--seed", metavar="K", type=int, default=0, help="random seed")
@@ -559,9 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
                             default=10_000, help="number of samples (default: 10000)")
     sbi_sample.add_argument("--steps", metavar="S", type=_int_at_least(1), default=128,
                             help="sampler steps (default: 128)")
-    sbi_sample.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "heun",
-                                                                  "dpm++", "unipc"],
-                            help="sampler (default: ddpm)")
+    sbi_sample.add_argument("--sampler", default="ddpm",
+                            choices=["ddpm", "ddpm-cov", "ddim", "heun", "dpm++", "unipc"],
+                            help="sampler (default: ddpm; ddpm-cov: DDPM with Tweedie's "
+                                 "covariance in each step, exact on Gaussian posteriors, "
+                                 "D + 1 evaluations a step: use fewer steps, e.g. 32)")
     sbi_sample.add_argument("--seed", metavar="K", type=int, default=0, help="random seed")
     sbi_sample.add_argument("--out", metavar="FILE", default=None,
                             help="output file (default: RUN/samples-obs<I>.safetensors)")
