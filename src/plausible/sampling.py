@@ -17,8 +17,8 @@ time grid :math:`1 = t_0 > \dots > t_N = 0`. With :math:`\hat{x} = d(x_t, t)` an
   \mathbb{V}[x \mid x_t])`, :math:`c_0 = \alpha_s - \alpha_t \sqrt{\sigma_s^2 - c^2} /
   \sigma_t`, with Tweedie's covariance :math:`\mathbb{V}[x \mid x_t] = \frac{\sigma_t^2}
   {\alpha_t} \frac{J + J^\top}{2}` (eigenvalues clipped at 0), :math:`J = \partial d /
-  \partial x_t` by forward differences in one batched call of :math:`(D + 1) n` states. The
-  transition is exact, at any number of steps, when :math:`p(x \mid x_t)` is Gaussian.
+  \partial x_t` by forward differences (:math:`D` more calls on the batch). The transition is
+  exact, at any number of steps, when :math:`p(x \mid x_t)` is Gaussian.
   :math:`D + 1` evaluations a step: for states of at most ``COV_MAX_DIM`` values (the
   parameters of simulation-based inference);
 - ``"ddim"``: :math:`x_s = \alpha_s \hat{x} + \sqrt{\sigma_s^2 - c^2}\,\hat\epsilon + c z`,
@@ -313,20 +313,24 @@ def sample(
 
 
 def _jacobian(f: Any, x: Tensor) -> tuple[Tensor, Tensor]:
-    r"""``f(x)`` and its per-sample Jacobian by forward differences, in one call of ``f`` on
-    :math:`(D + 1) n` states: ``x`` ``(n, *S)`` with :math:`D = \prod S` values; returns
-    ``f(x)`` ``(n, *S)`` and :math:`J_{kij} = \partial f(x)_{ki} / \partial x_{kj}` ``(n, D,
-    D)``. The step :math:`h = 4 \sqrt{\epsilon} \max(1, |x_k|_\infty)` per sample (machine
-    epsilon of the dtype) balances truncation and rounding errors."""
+    r"""``f(x)`` and its per-sample Jacobian by forward differences, in :math:`D + 1` calls of
+    ``f`` on batches like ``x`` (so that per-sample keyword arguments still line up, and large
+    batches stay in cache: one call on :math:`11 \times 10^4` states took twice as long as 11
+    calls on :math:`10^4`): ``x`` ``(n, *S)`` with :math:`D = \prod S` values; returns ``f(x)``
+    ``(n, *S)`` and :math:`J_{kij} = \partial f(x)_{ki} / \partial x_{kj}` ``(n, D, D)``. The
+    step :math:`h = 4 \sqrt{\epsilon} \max(1, |x_k|_\infty)` per sample (machine epsilon of
+    the dtype) balances truncation and rounding errors."""
     n, dim = x.shape[0], math.prod(x.shape[1:])
     flat = x.reshape(n, dim)
     h = 4 * math.sqrt(torch.finfo(x.dtype).eps) * flat.abs().amax(1).clamp(min=1.0)  # (n,)
-    eye = torch.eye(dim, dtype=x.dtype, device=x.device)
-    shifted = flat[None] + h[None, :, None] * eye[:, None, :]  # (D, n, D): x + h e_j
-    out = f(torch.cat([flat[None], shifted]).reshape(n * (dim + 1), *x.shape[1:]))
-    out = out.reshape(dim + 1, n, dim)
-    jac = (out[1:] - out[0][None]) / h[None, :, None]  # (D, n, D): [j, k, i] = df_i / dx_j
-    return out[0].reshape(x.shape), jac.permute(1, 2, 0)
+    f_x = f(x).reshape(n, dim)
+    jac = torch.empty(n, dim, dim, dtype=f_x.dtype, device=f_x.device)
+    for j in range(dim):  # column j: (f(x + h e_j) - f(x)) / h
+        shifted = flat.clone()
+        shifted[:, j] += h
+        step = (shifted[:, j] - flat[:, j])[:, None]  # h as represented in x's dtype
+        jac[:, :, j] = (f(shifted.reshape(x.shape)).reshape(n, dim) - f_x) / step
+    return f_x.reshape(x.shape), jac
 
 
 def _exponential_step(x: Tensor, pred: Tensor, sampler: str, a_t: Tensor, s_t: Tensor,
