@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 
 import plausible  # noqa: E402
 from _common import setup, table, write_json  # noqa: E402
-from plausible.amortized import ConditionalDenoiser, training_steps  # noqa: E402
+from plausible.amortized import ConditionalDenoiser, network_width, training_steps  # noqa: E402
 from plausible.diagnostics import c2st  # noqa: E402
 from plausible.tasks.sbi import get_task  # noqa: E402
 
@@ -62,6 +62,8 @@ DECAY = "cosine"  # plausible's learning-rate decay (--decay)
 LOG_RHO: tuple[float, float] | None = None  # plausible's log-normal noise levels (--log-rho)
 BASELINE: bool | str = "auto"  # plausible's linear-Gaussian preconditioning (--baseline)
 SUPPORT = "auto"  # how plausible keeps samples in a box prior (--support)
+HIDDEN: int | None = None  # plausible's ResMLP width (--hidden; None: network_width(budget))
+BATCH_SIZE: int | None = None  # plausible's batch size (--batch-size; None: the default)
 DEFAULT_SAMPLER = "ddpm128log"  # plausible's default (AmortizedPosterior.sample): row "plausible"
 
 #: plausible's samplers (one trained model, several rows): name -> schedule -> options.
@@ -152,11 +154,13 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
     torch.manual_seed(seed)
     if method == "plausible":
         npe = ConditionalDenoiser.mlp(task.dim_theta, task.dim_y, prior=task.prior,
-                                      baseline=BASELINE, support=SUPPORT)
+                                      baseline=BASELINE, support=SUPPORT,
+                                      hidden=HIDDEN or network_width(budget))
         steps = plausible_steps(budget)
+        batch_size = BATCH_SIZE or 256
         npe.standardize_from(theta, y)
-        history = plausible.fit(npe, (theta, y), steps=steps, batch_size=256, progress=False,
-                                decay=DECAY,
+        history = plausible.fit(npe, (theta, y), steps=steps, batch_size=batch_size,
+                                progress=False, decay=DECAY,
                                 validation=HOLD_OUT if PATIENCE else None,
                                 validate_every=VALIDATE_EVERY, log_every=VALIDATE_EVERY,
                                 patience=PATIENCE or None,
@@ -167,10 +171,12 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
             return npe.given(y_obs).sample(n, seed=seed, progress=False,
                                            **SAMPLERS[sampler](npe.schedule))
 
-        settings = {"net": "ResMLP 128x3, MLP embedding -> 64", "steps": steps,
+        net = npe.backbone.config
+        settings = {"net": f"ResMLP {net['hidden']}x{net['blocks']}, "
+                           f"MLP embedding -> {net['context']}", "steps": steps,
                     "steps_run": stopped, "hold_out": HOLD_OUT if PATIENCE else 0,
                     "patience": PATIENCE, "validate_every": VALIDATE_EVERY,
-                    "batch_size": 256, "lr": 1e-3, "t_distribution": "lognormal",
+                    "batch_size": batch_size, "lr": 1e-3, "t_distribution": "lognormal",
                     "decay": DECAY, "baseline": npe.baseline, "support": npe.support,
                     "expected_acceptance": npe.expected_acceptance,
                     "log_rho": list(LOG_RHO) if LOG_RHO is not None else "default",
@@ -203,7 +209,7 @@ def train(method: str, task: Any, theta: torch.Tensor, y: torch.Tensor, budget: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    global PATIENCE, STEP_FACTOR, DECAY, BASELINE, LOG_RHO, SUPPORT
+    global PATIENCE, STEP_FACTOR, DECAY, BASELINE, LOG_RHO, SUPPORT, HIDDEN, BATCH_SIZE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["two_moons", "gaussian_linear", "slcp"])
     parser.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000])
@@ -246,8 +252,15 @@ def main(argv: list[str] | None = None) -> int:
                              "halved on validation plateaus (needs --patience > 0); default: "
                              "as `plausible sbi train` (plateau with early stopping, else "
                              "cosine)")
+    parser.add_argument("--hidden", type=int, default=None,
+                        help="plausible's ResMLP width (default: "
+                             "plausible.amortized.network_width: 64 below 3000 simulations, "
+                             "else 128)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="plausible's training batch size (default: 256)")
     args = parser.parse_args(argv)
     PATIENCE = args.patience
+    HIDDEN, BATCH_SIZE = args.hidden, args.batch_size
     LOG_RHO = tuple(args.log_rho) if args.log_rho else None
     BASELINE = {"auto": "auto", "on": True, "off": False}[args.baseline]
     SUPPORT = args.support

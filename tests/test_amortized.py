@@ -556,6 +556,19 @@ def test_training_steps_bound():
         training_steps(0)
 
 
+def test_network_width_by_budget():
+    """The default width halves below SMALL_BUDGET simulations; bad budgets are refused."""
+    from plausible.amortized import SMALL_BUDGET, network_width
+
+    assert network_width(1000) == network_width(SMALL_BUDGET - 1) == 64
+    assert network_width(SMALL_BUDGET) == network_width(100_000) == 128
+    net = plausible.ConditionalDenoiser.mlp(2, 2, hidden=network_width(1000)).backbone
+    assert net.config["hidden"] == 64
+    for bad in (0, -5, 10.0, "1000"):
+        with pytest.raises(ValueError, match="positive integer"):
+            network_width(bad)  # type: ignore[arg-type]
+
+
 def test_training_noise_levels_are_lognormal_with_the_set_moments():
     """draw_noise's times map back to log(sigma / alpha) ~ N(mean, std^2): the default
     LOG_RHO for a ConditionalDenoiser, EDM's (-1.2, 1.2) for Preconditioned, or log_rho=;

@@ -43,6 +43,8 @@ def test_train_writes_a_loadable_run(run):
     assert info["decay"] == "plateau"  # the learning rate halves on validation plateaus
     model = load(run)
     assert model.prior["kind"] == "box" and model.y_shape == (2,)
+    # 400 simulations: the narrow network of network_width, saved with the model
+    assert info["hidden"] == 64 and model.backbone.config["hidden"] == 64
     # support="auto" chose the logit (two_moons' posteriors reach the box: the expected
     # acceptance is about 0.85 < 0.9), and the standardisation was fitted: the logit of
     # U(-1, 1) has std pi / sqrt(3)

@@ -531,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(default: 2000 + 18000 log10(N / 1000): 20000 for N = 10^4)")
     sbi_train.add_argument("--batch-size", metavar="B", type=_int_at_least(2), default=256,
                            help="batch size (default: 256)")
+    sbi_train.add_argument("--hidden", metavar="H", type=_int_at_least(1), default=None,
+                           help="hidden width of the ResMLP (default: 64 below 3000 "
+                                "simulations, else 128; plausible.amortized.network_width)")
     sbi_train.add_argument("--seed", metavar="K", type=int, default=0, help="random seed")
     sbi_train.add_argument("--patience", metavar="P", type=_int_at_least(0), default=10,
                            help="early stopping: hold out 10%% of the simulations, validate "
@@ -860,7 +863,7 @@ def _sbi_run(run: str) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def _sbi_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .amortized import ConditionalDenoiser, training_steps
+    from .amortized import ConditionalDenoiser, network_width, training_steps
     from .tasks.sbi import TASKS, get_task
     from .training import fit
 
@@ -883,8 +886,9 @@ def _sbi_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     theta, y = torch.cat(thetas), torch.cat(ys)
     simulate_s = time.perf_counter() - tick
     out = Path(args.out)
+    hidden = args.hidden or network_width(n)
     npe = ConditionalDenoiser.mlp(task.dim_theta, task.dim_y, prior=task.prior,
-                                  support=args.support)
+                                  support=args.support, hidden=hidden)
     npe.standardize_from(theta, y)
     tick = time.perf_counter()
     # with early stopping the learning rate halves on validation plateaus, so that the rate at
@@ -901,7 +905,7 @@ def _sbi_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     except CheckpointError as error:
         return _sbi_error("train", error)
     info = {"task": args.task, "simulations": n, "steps": steps, "seed": args.seed,
-            "batch_size": args.batch_size, "simulate_s": simulate_s,
+            "batch_size": args.batch_size, "hidden": hidden, "simulate_s": simulate_s,
             "patience": args.patience, "decay": decay, "support": npe.support,
             "baseline": npe.baseline, "expected_acceptance": npe.expected_acceptance,
             "steps_run": int(history["stopped"][0]) if "stopped" in history else steps,
