@@ -368,6 +368,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--laps", type=int, default=None,
                         help="EM laps (default: the configuration's; MNIST's clean prior gets "
                              "laps x steps training steps)")
+    parser.add_argument("--sampling-steps", type=int, default=None,
+                        help="steps of each lap's MMPS posterior sampling (the E-step; default: "
+                             "the configuration's)")
+    parser.add_argument("--maxiter", type=int, default=None,
+                        help="GMRES iterations of the E-step's MMPS (default: the "
+                             "configuration's)")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="training steps per lap (default: the configuration's)")
+    parser.add_argument("--tag", default=None, help="name of the outputs (default: derived "
+                        "from the experiment and the options)")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
     info = setup(args.threads, args.seed)
@@ -376,16 +386,24 @@ def main(argv: list[str] | None = None) -> None:
         + (f"_laps{args.laps}" if args.laps is not None else "")
     if args.experiment == "mnist":
         config = copy.deepcopy(MNIST_QUICK if args.quick else MNIST_CONFIG)
-        if args.laps is not None:
-            config["laps"] = args.laps
         if args.deleted:
             config["deleted"] = list(args.deleted)
             tag += "_" + "_".join(str(round(100 * d)) for d in args.deleted)
-        payload = mnist_experiment(config, args.seed, tag, args.progress)
     else:
         config = copy.deepcopy(MRI_QUICK if args.quick else MRI_CONFIG)
-        if args.laps is not None:
-            config["laps"] = args.laps
+    if args.laps is not None:
+        config["laps"] = args.laps
+    for key, value in (("steps", args.sampling_steps), ("maxiter", args.maxiter)):
+        if value is not None:
+            config["sampling"][key] = value
+            tag += f"_e{key[0]}{value}"
+    if args.train_steps is not None:
+        config["training"]["steps"] = args.train_steps
+        tag += f"_t{args.train_steps}"
+    tag = args.tag or tag
+    if args.experiment == "mnist":
+        payload = mnist_experiment(config, args.seed, tag, args.progress)
+    else:
         payload = mri_experiment(config, args.seed, tag, args.progress)
     payload["machine"] = info
     payload["machine"]["note"] = "shared 2-core machine: other jobs ran at the same time"
