@@ -24,6 +24,7 @@ from .denoisers import (
     Preconditioned,
     gaussian_condition,
 )
+from .langevin import langevin
 from .linalg import Solution, cg, gmres
 from .observations import Observation, Operator
 from .posterior import DPS, MMPS, SDA, ZeroShotPosterior
@@ -77,6 +78,7 @@ __all__ = [
     "Solution",
     "cg",
     "gmres",
+    "langevin",
     "Observation",
     "Operator",
     "ZeroShotPosterior",

@@ -1188,11 +1188,19 @@ class _SpaceMixin:
                     and (torch.isfinite(model.low) & torch.isfinite(model.high)).any())
 
     def sample(self, n: int, steps: int = 128, sampler: str | None = "ddpm",
-               min_acceptance: float = 1e-3, **kwargs: Any) -> Tensor:
+               min_acceptance: float = 1e-3, refine: int = 0, refine_step: float = 0.02,
+               **kwargs: Any) -> Tensor:
         """``n`` posterior samples of :math:`\\theta`: ``(n, *shape)`` (``plausible.sample``
         on the sampling space, then :meth:`decode`). ``kwargs`` go to
         :func:`plausible.sample` (``seed``, ``progress``, ``grid``...); the default is DDPM
         with 128 steps on a log-SNR grid (:attr:`sampling`).
+
+        ``refine > 0`` then runs that many preconditioned Langevin steps of size
+        ``refine_step`` at a small noise level (:func:`plausible.langevin`, one evaluation
+        each) on the sampling space's samples before they are decoded. For an
+        :class:`IIDPosterior` this removes the composition's error, since the composed score
+        is exact only as the noise vanishes (measured on a box prior at n = 100 observations:
+        1.7 posterior std off without it, within the Monte-Carlo error with 200 steps).
 
         With a model of ``support="reject"`` and a box prior, samples outside the box are
         drawn again (in rounds of about the missing number over the acceptance rate so far,
@@ -1215,7 +1223,7 @@ class _SpaceMixin:
             # sampled through a wrapper without `decode`, so that z is decoded exactly once
             # even if plausible.sample learns to decode denoisers that define it
             z = sample(_Bare(self), n, steps=steps, sampler=sampler, **kwargs)  # type: ignore
-            return self.decode(z)
+            return self.decode(self._refine(z, refine, refine_step, kwargs, 0))
         if not 0.0 < min_acceptance <= 1.0:
             raise ValueError(f"min_acceptance must be in (0, 1], got {min_acceptance}")
         seed = kwargs.pop("seed", None)
@@ -1231,6 +1239,7 @@ class _SpaceMixin:
         while True:
             z = sample(_Bare(self), batch, steps=steps, sampler=sampler,  # type: ignore
                        seed=None if seed is None else seed + k, **kwargs)
+            z = self._refine(z, refine, refine_step, {**kwargs, "seed": seed}, k)
             theta = self.decode(z)
             th = theta if batched else theta[:, None]  # (batch, M, D)
             ok = model.inside(th)  # (batch, M)
@@ -1257,6 +1266,19 @@ class _SpaceMixin:
                     "outside it; check the observation, or train with support='bijection'")
             need = float((missing / rate.clamp_min(min_acceptance)).max())
             batch = int(min(max(1.1 * need + 16, 64), 4 * n + 64))
+
+    def _refine(self, z: Tensor, steps: int, step: float, kwargs: dict[str, Any],
+                k: int) -> Tensor:
+        """:func:`plausible.langevin` on samples ``z`` of the sampling space (``(n, D)`` or
+        ``(n, M, D)``), seeded from ``kwargs``' seed (offset by ``k``) or generator."""
+        if not steps:
+            return z
+        from .langevin import langevin
+
+        seed = kwargs.get("seed")
+        return langevin(_Bare(self), z, steps, step, generator=kwargs.get("generator"),  # type: ignore
+                        seed=None if seed is None else seed + 7919 * (k + 1),
+                        progress=bool(kwargs.get("progress", False)))
 
     def log_prob(self, theta: Tensor, steps: int = 128, exact: bool | None = None,
                  probes: int = 1, seed: int | None = 0) -> Tensor:
