@@ -1199,8 +1199,11 @@ class _SpaceMixin:
         ``refine_step`` at a small noise level (:func:`plausible.langevin`, one evaluation
         each) on the sampling space's samples before they are decoded. For an
         :class:`IIDPosterior` this removes the composition's error, since the composed score
-        is exact only as the noise vanishes (measured on a box prior at n = 100 observations:
-        1.7 posterior std off without it, within the Monte-Carlo error with 200 steps).
+        is exact only as the noise vanishes (measured with exact per-observation posteriors on
+        a box prior at n = 100 observations: 1.7 posterior std off without it, within the
+        Monte-Carlo error with 300 steps). It trusts the scores at small noise: with a network
+        trained on a small budget it made the composition worse (docs/sbi.md), so it is off by
+        default.
 
         With a model of ``support="reject"`` and a box prior, samples outside the box are
         drawn again (in rounds of about the missing number over the acceptance rate so far,
